@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+ORIGINAL_ENVIRON = dict(os.environ)
 os.environ.setdefault('MPLBACKEND', 'Agg')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

