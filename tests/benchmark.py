@@ -2,6 +2,7 @@
 """Speed, measured side by side: the tutorial's pipeline, the floor, and train_mnist_cnn.py.
 
     python tests/benchmark.py [--device cpu|cuda] [--epochs N] [--repeats N] [--data-dir DIR] [--json FILE]
+    python tests/benchmark.py --film ...   # the t-SNE film's cost: ours animated against ours --no-tsne
 
 In one run, on the same data and device, it times whole processes, alternated so that machine drift
 cancels (tutorial, floor, ours, tutorial, ...), and the training phase alone:
@@ -225,6 +226,34 @@ def report(args, whole, phase, ours_summaries):
     return result
 
 
+def measure_film(args):
+    """Ours with the t-SNE film against ours with --no-tsne, alternated."""
+    times = {'film': [], 'no_tsne': []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            for name in ('no_tsne', 'film'):
+                out_dir = os.path.join(scratch, f'{name}{repeat}')
+                command = ours_command(args, out_dir)
+                if name == 'film':
+                    command.remove('--no-tsne')
+                seconds, _ = timed(command)
+                times[name].append(seconds)
+                print(f'  whole process  {name:<8} {seconds:7.2f} s', flush=True)
+        with open(os.path.join(out_dir, 'summary.json')) as f:
+            summary = json.load(f)
+        gif_bytes = os.path.getsize(os.path.join(out_dir, 'tsne.gif'))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {'seconds_median': {k: round(v, 3) for k, v in median.items()},
+              'seconds_all': {k: [round(x, 3) for x in v] for k, v in times.items()},
+              'ratio_film_to_no_tsne': round(median['film'] / median['no_tsne'], 3),
+              'tsne_frames': summary['tsne_frames'], 'tsne_jump': round(summary['tsne_jump'], 4),
+              'tsne_neighbour_agreement': round(summary['tsne_neighbour_agreement'], 4), 'gif_bytes': gif_bytes}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', help='cpu or cuda (default: cpu)')
@@ -232,10 +261,14 @@ def main():
     parser.add_argument('--repeats', type=int, default=3, help='runs of each, the median counts (default: 3)')
     parser.add_argument('--data-dir', default=os.path.join(ROOT, 'mnist'), help='MNIST root (default: ./mnist)')
     parser.add_argument('--json', metavar='FILE', help='also write the results here')
+    parser.add_argument('--film', action='store_true', help='time the t-SNE film against --no-tsne instead')
     parser.add_argument('--role', choices=ROLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         return run_role(args.role, args.data_dir, args.device, args.epochs)
+    if args.film:
+        print(f'benchmark: {args.repeats} x (--no-tsne, film) whole processes on {args.device}', flush=True)
+        return measure_film(args)
     print(f'benchmark: {args.repeats} x (tutorial, floor, ours) whole processes, then training phases; '
           f'{args.epochs} epoch(s) on {args.device}', flush=True)
     report(args, *measure(args))

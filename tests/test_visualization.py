@@ -20,9 +20,9 @@ def film_run(tmp_path, data_dir, monkeypatch):
     features = []
     real_submit = tm.TsneFilm.submit
 
-    def submit(self, batch, step, title):
+    def submit(self, batch, step, title, last=False):
         features.append(batch.numpy().copy())
-        real_submit(self, batch, step, title)
+        real_submit(self, batch, step, title, last)
     monkeypatch.setattr(tm.TsneFilm, 'submit', submit)
     run = tmp_path / 'run'
     assert tm.main([*TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0

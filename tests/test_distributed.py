@@ -1,0 +1,87 @@
+"""torchrun: the same script, data-parallel with Gloo on CPU, on the fixture."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_mnist_cnn as tm
+from conftest import FAST, ROOT
+
+LAUNCHER = '''import os, sys
+sys.path.insert(0, {root!r})
+import train_mnist_cnn as tm
+tm.MNIST_MD5.update({checksums!r})
+if os.environ.get('FAIL_RANK') == os.environ['RANK']:  # a rank that dies mid-run
+    real_step, steps = tm.train_step, []
+    def train_step(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError('injected failure in rank ' + os.environ['RANK'])
+        return real_step(*args)
+    tm.train_step = train_step
+sys.exit(tm.main(sys.argv[1:]))
+'''
+
+
+def torchrun(tmp_path, checksums, args, processes=2, env_changes=None, timeout=240):
+    launcher = tmp_path / 'launch.py'
+    launcher.write_text(LAUNCHER.format(root=ROOT, checksums=checksums))
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
+               str(launcher), *map(str, args)]
+    env = {**os.environ, 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1', **(env_changes or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_two_processes_match_one_over_the_same_global_batches(tmp_path, data_dir, fixture_checksums):
+    flags = [*FAST, '--epochs', '2', '--batch-size', '50', '--data-dir', data_dir]
+    out = torchrun(tmp_path, fixture_checksums, [*flags, '--out-dir', tmp_path / 'ddp'])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('done: test accuracy') == 1  # only rank 0 reports
+    assert 'device: cpu (2 processes)' in out.stdout
+    assert sorted(os.listdir(tmp_path / 'ddp')) == ['confusion.png', 'curves.png', 'metrics.csv', 'model.pt',
+                                                    'samples.png', 'summary.json']
+    assert json.loads((tmp_path / 'ddp' / 'summary.json').read_text())['world_size'] == 2
+
+    assert tm.main([*map(str, flags), '--out-dir', str(tmp_path / 'single')]) == 0
+    ddp = torch.load(tmp_path / 'ddp' / 'model.pt', weights_only=True)
+    single = torch.load(tmp_path / 'single' / 'model.pt', weights_only=True)
+    assert ddp['step'] == single['step'] == 24
+    for key, value in single['model'].items():
+        torch.testing.assert_close(ddp['model'][key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_checkpoint_from_torchrun_resumes_in_one_process(tmp_path, data_dir, fixture_checksums):
+    out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert tm.main(['--resume', str(tmp_path / 'run'), '--epochs', '2']) == 0
+    summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    assert summary['epochs'] == 2 and summary['steps'] == 24 and summary['world_size'] == 1
+
+
+def test_a_failing_rank_ends_the_whole_job(tmp_path, data_dir, fixture_checksums):
+    out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
+                   env_changes={'FAIL_RANK': '1'}, timeout=180)
+    assert out.returncode != 0
+    assert 'injected failure in rank 1' in out.stderr
+    assert not (tmp_path / 'run' / 'summary.json').exists()
+
+
+def test_batch_smaller_than_the_processes_is_a_usage_error(tmp_path, data_dir, fixture_checksums):
+    out = torchrun(tmp_path, fixture_checksums, [*FAST, '--batch-size', '1', '--data-dir', data_dir])
+    assert out.returncode != 0
+    assert 'usage error: --batch-size 1 is smaller than the 2 processes' in out.stderr
+
+
+@pytest.mark.parametrize('env, expected', [
+    ({}, tm.Processes()),
+    ({'RANK': '1', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}, tm.Processes(1, 2, 1)),
+])
+def test_processes_come_from_torchruns_variables(monkeypatch, env, expected):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert tm.processes_from_env() == expected
