@@ -127,7 +127,8 @@ def nonempty_path(text):
 
 def build_parser():
     d = Config()
-    p = ArgumentParser(prog='train_mnist_cnn.py', description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
+    p = ArgumentParser(prog='train_mnist_cnn.py',
+                       description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
                        argument_default=argparse.SUPPRESS)
     p.add_argument('--epochs', type=int_in(1, 10_000), metavar='N',
                    help=f'passes over the 60,000 training images (default: {d.epochs})')
@@ -592,6 +593,8 @@ class TsneFilm:
         self.gif_tmp = os.path.join(out_dir, '.tmp-tsne.gif')
         self.writer = PillowWriter(fps=4)
         self.writer.setup(self.fig, self.gif_tmp, dpi=64)
+        if history and history['embeddings'].shape[1] != len(labels):
+            history = {}  # --tsne-points changed on resume: the film starts afresh
         for embedding, step, title in zip(history.get('embeddings', []), history.get('steps', []),
                                           history.get('titles', [])):  # the frames before a resume
             self._draw(embedding.numpy(), int(step), title)
@@ -911,7 +914,8 @@ class Run:
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
         self.model = model
         if procs.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+            device_ids = [device] if device.type == 'cuda' else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
         self.film = None
@@ -1054,7 +1058,8 @@ def run_training(config, procs, checkpoint, wall_started):
         try:
             result = run.train(stop)
         except Interrupted:
-            log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n  {resume_command(out_dir, procs)}')
+            log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n'
+                f'  {resume_command(out_dir, procs)}')
             raise
     if procs.is_main:
         finish(run, result, wall_started)

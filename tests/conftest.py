@@ -22,7 +22,8 @@ TRAIN_COUNT, TEST_COUNT = 600, 200
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'network: needs a package index to fetch real MNIST (deselect with -m "not network")')
+    config.addinivalue_line('markers',
+                            'network: needs a package index to fetch real MNIST (deselect with -m "not network")')
 
 
 def write_idx(path, array):

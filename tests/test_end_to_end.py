@@ -1,6 +1,5 @@
 """The real thing: an empty data folder, MNIST fetched through the chain, one epoch, full test set."""
 import json
-import os
 import subprocess
 import sys
 
