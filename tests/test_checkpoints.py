@@ -188,3 +188,20 @@ def test_resume_cannot_lower_epochs_below_those_done(tmp_path, data_dir, capsys)
     assert tm.main([*FAST, '--epochs', '2', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     assert tm.main(['--resume', str(run), '--epochs', '1']) == 2
     assert 'below the 2 epochs already trained' in capsys.readouterr().err
+
+
+def test_resume_of_a_bare_file_name_continues_in_the_current_folder(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', '.']) == 0
+    assert tm.main(['--resume', 'model.pt', '--epochs', '2']) == 0
+    assert json.loads((tmp_path / 'summary.json').read_text())['steps'] == 24
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path, data_dir, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tm, 'ensure_mnist', interrupted)
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == 'interrupted before training started; nothing was written'
