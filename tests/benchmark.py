@@ -16,6 +16,7 @@ cancels (tutorial, floor, ours, tutorial, ...), and the training phase alone:
 The data must already be in DATA_DIR/MNIST/raw (run the script once). Not part of the pytest run.
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -71,8 +72,9 @@ def tutorial(data_dir, device, epochs):
     return time.perf_counter() - started
 
 
-def floor(data_dir, device, epochs):
-    """The same steps and evaluations over tensors already on the device; the least a process can do."""
+def floor(data_dir, device, epochs, evaluate=True):
+    """The same steps and evaluations over tensors already on the device; the least a process can do.
+    Without `evaluate`, the training steps alone."""
     import torch
     import torch.nn.functional as F
     import torchvision
@@ -94,7 +96,7 @@ def floor(data_dir, device, epochs):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if step % LOG_EVERY == 0:
+            if evaluate and step % LOG_EVERY == 0:
                 with torch.inference_mode():
                     correct = (cnn(test_x.float() / 255)[0].argmax(1) == test_y).sum()
                 print(f'step {step} | loss {loss.item():.4f} | accuracy {correct.item() / EVAL_SIZE:.4f}', flush=True)
@@ -121,32 +123,8 @@ def ours_phase(data_dir, device, epochs):
     return time.perf_counter() - started
 
 
-def floor_phase(data_dir, device, epochs):
-    """The floor's training steps alone."""
-    import torch
-    import torch.nn.functional as F
-    import torchvision
-    sys.path.insert(0, ROOT)
-    from train_mnist_cnn import CNN
-    train = torchvision.datasets.MNIST(data_dir, train=True)
-    images, labels = train.data.unsqueeze(1).to(device), train.targets.to(device)
-    torch.manual_seed(1)
-    cnn = CNN().to(device)
-    optimizer = torch.optim.Adam(cnn.parameters(), lr=LR)
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.randperm(len(images), device=device)
-        for step in range((len(images) + BATCH - 1) // BATCH):
-            batch = order[step * BATCH:(step + 1) * BATCH]
-            loss = F.cross_entropy(cnn(images[batch].float() / 255)[0], labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    sync(device)
-    return time.perf_counter() - started
-
-
-ROLES = {'tutorial': tutorial, 'floor': floor, 'ours_phase': ours_phase, 'floor_phase': floor_phase}
+ROLES = {'tutorial': tutorial, 'floor': floor, 'ours_phase': ours_phase,
+         'floor_phase': functools.partial(floor, evaluate=False)}
 
 
 def run_role(role, data_dir, device_name, epochs):
