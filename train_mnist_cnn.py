@@ -37,6 +37,7 @@ import zipfile
 
 PROCESS_STARTED = time.perf_counter()  # before torch's import, which is most of the start-up
 
+import numpy as np  # torch loads it anyway
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -349,14 +350,13 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f'refused global {module}.{name}')
-        import numpy
         if name == '_reconstruct':
             try:
                 from numpy._core.multiarray import _reconstruct
             except ImportError:  # numpy < 2
                 from numpy.core.multiarray import _reconstruct
             return _reconstruct
-        return getattr(numpy, name)
+        return getattr(np, name)
 
 
 def idx_bytes(array):
@@ -367,7 +367,6 @@ def idx_bytes(array):
 
 def mnist_from_pickle(payload):
     """The pickle's (train, validation, test) splits as the four official files' bytes."""
-    import numpy as np
     train, valid, test = NumpyOnlyUnpickler(io.BytesIO(payload), encoding='latin1').load()
 
     def pixels(x):  # stored as k/256
@@ -665,19 +664,16 @@ class TsneFilm:
         self.draw_ready()
         if not self.embeddings:
             return {}
-        import numpy as np
         return {'embeddings': torch.from_numpy(np.stack(self.embeddings)), 'steps': torch.tensor(self.steps),
                 'titles': list(self.titles)}
 
     def close(self):
         """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's stats."""
-        import numpy as np
         self.jobs.put(None)
         while self.worker.is_alive() or not self.done.empty():
             self.draw_ready()
             self.worker.join(timeout=0.05)
-        if not self.embeddings:
-            os.unlink(self.gif_tmp) if os.path.exists(self.gif_tmp) else None
+        if not self.embeddings:  # the writer creates its file only when it finishes
             return {}
         self.writer.finish()
         publish(self.gif_tmp, os.path.join(self.out_dir, 'tsne.gif'))
@@ -737,7 +733,6 @@ def draw_curves(fig, metrics):
 def draw_confusion(fig, confusion):
     ax = fig.subplots()
     image = ax.imshow(confusion, cmap='Blues')
-    import numpy as np
     for (true, pred), count in np.ndenumerate(confusion):
         ax.text(pred, true, str(count), ha='center', va='center', fontsize=7,
                 color='white' if count > confusion.max() / 2 else 'black')
@@ -748,7 +743,6 @@ def draw_confusion(fig, confusion):
 
 def draw_samples(fig, images, labels, cols=8):
     """The first images as one mosaic in one axes: far cheaper to draw than an axes each."""
-    import numpy as np
     rows = math.ceil(len(images) / cols)
     mosaic = np.zeros((rows * 34, cols * 30), dtype=np.uint8)
     ax = fig.subplots()
