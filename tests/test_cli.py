@@ -1,7 +1,10 @@
 """The command line: defaults, validation before any work, one-line errors with the right exit code."""
+import dataclasses
 import os
+import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -70,17 +73,17 @@ def test_missing_cuda_index_names_what_was_found(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     with pytest.raises(tm.UsageError, match=r'only 2 CUDA device\(s\) found'):
-        tm.resolve_device('cuda:2', tm.Processes())
-    assert tm.resolve_device('cuda:1', tm.Processes()) == torch.device('cuda:1')
+        tm.resolve_device('cuda:2', tm.World())
+    assert tm.resolve_device('cuda:1', tm.World()) == torch.device('cuda:1')
 
 
 def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
-    assert tm.resolve_device('auto', tm.Processes()) == torch.device('cpu')
+    assert tm.resolve_device('auto', tm.World()) == torch.device('cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    assert tm.resolve_device('auto', tm.Processes()) == torch.device('cuda')
+    assert tm.resolve_device('auto', tm.World()) == torch.device('cuda')
 
 
 def test_out_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, capsys):
@@ -123,3 +126,48 @@ def test_usage_error_from_the_shell_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count('\n') == 0 and 'Traceback' not in out.stderr
     assert '--lr' in out.stderr
+
+
+def help_rows():
+    """--help's options as the README's flag table writes them: flag, default, meaning."""
+    out = subprocess.run([sys.executable, SCRIPT, '--help'], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'COLUMNS': '1000'}).stdout
+    rows = []
+    for line in out.splitlines():
+        match = re.fullmatch(r'  (--[a-z-]+(?: [A-Z]+)?)\s{2,}(.*)', line)
+        if not match or match[1] == '--help':
+            continue
+        flag, text = match.groups()
+        default = re.fullmatch(r'(.*?) \((?:(.*); )?default: (.*)\)', text)
+        if default:
+            meaning = default[1] + (f' ({default[2]})' if default[2] else '')
+            rows.append((f'`{flag}`', f'`{default[3]}`', meaning))
+        else:
+            rows.append((f'`{flag}`', '', text))
+    return rows
+
+
+def readme_rows(heading):
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    section = text.split(f'\n## {heading}\n', 1)[1].split('\n## ', 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith('| ')][2:]  # past the header and its rule
+    return [tuple(cell.strip() for cell in line.strip('|').split(' | ')) for line in lines]
+
+
+def test_readme_flag_table_matches_help():
+    rows = help_rows()
+    assert [row[0].split()[0].strip('`') for row in rows] == [
+        field.metadata['flag'] or '--' + field.name.replace('_', '-') for field in dataclasses.fields(tm.Config)]
+    assert readme_rows('Flags') == rows
+
+
+def test_inline_script_metadata_matches_requirements():
+    """PEP 723's block, read as its reference implementation does, names what requirements.txt names."""
+    source = open(SCRIPT).read()
+    block = re.search(r'(?m)^# /// script$\s(?P<content>(^#(| .*)$\s)+)^# ///$', source)['content']
+    metadata = tomllib.loads(''.join(line[2:] if line.startswith('# ') else line[1:]
+                                     for line in block.splitlines(keepends=True)))
+    requirements = [line.strip() for line in open(os.path.join(ROOT, 'requirements.txt'))
+                    if line.strip() and not line.startswith('#')]
+    assert metadata['dependencies'] == requirements
+    assert metadata['requires-python'].startswith('>=')

@@ -76,12 +76,12 @@ def test_batch_smaller_than_the_processes_is_a_usage_error(tmp_path, data_dir, f
 
 
 @pytest.mark.parametrize('env, expected', [
-    ({}, tm.Processes()),
-    ({'RANK': '1', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}, tm.Processes(1, 2, 1)),
+    ({}, tm.World()),
+    ({'RANK': '1', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}, tm.World(1, 2, 1)),
 ])
 def test_processes_come_from_torchruns_variables(monkeypatch, env, expected):
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert tm.processes_from_env() == expected
+    assert tm.world_from_env() == expected

@@ -88,7 +88,7 @@ def test_train_step_never_waits_for_the_device(monkeypatch):
         raise AssertionError('host sync in train_step')
     for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    loss = tm.train_step(model, optimizer, images, labels, len(labels))
+    loss = tm.train_step(model, optimizer, images, labels, len(labels), 1)
     monkeypatch.undo()
     assert loss.shape == () and loss.item() > 0
 

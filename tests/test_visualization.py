@@ -18,12 +18,12 @@ TSNE_RUN = ['--device', 'cpu', '--epochs', '2', '--log-interval', '4', '--tsne-p
 def film_run(tmp_path, data_dir, monkeypatch):
     """A run with the film on; also keeps the features each frame was made from."""
     features = []
-    real_submit = tm.TsneFilm.submit
+    real_add_frame = tm.TsneFilm.add_frame
 
-    def submit(self, batch, step, title, last=False):
+    def add_frame(self, batch, step, title, last=False):
         features.append(batch.numpy().copy())
-        real_submit(self, batch, step, title, last)
-    monkeypatch.setattr(tm.TsneFilm, 'submit', submit)
+        real_add_frame(self, batch, step, title, last)
+    monkeypatch.setattr(tm.TsneFilm, 'add_frame', add_frame)
     run = tmp_path / 'run'
     assert tm.main([*TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     return run, features
