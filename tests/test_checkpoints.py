@@ -1,15 +1,17 @@
 """Never lose a run: atomic checkpoints, exact resume after SIGKILL, clean SIGINT/SIGTERM, clear bad input."""
+import io
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import FAST, run_script
+from conftest import FAST, ROOT, SCRIPT, run_script
 
 LONG = ['--no-tsne', '--device', 'cpu', '--epochs', '3', '--batch-size', '10', '--log-interval', '20',
         '--eval-size', '200']  # 60 steps an epoch, 180 in all
@@ -205,3 +207,158 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path, data_dir, mon
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 130
     captured = capsys.readouterr()
     assert captured.err.strip() == 'interrupted before training started; nothing was written'
+
+
+# A run folder belongs to one run
+
+def test_two_runs_started_together_in_one_folder_one_is_refused_with_the_others_pid(tmp_path, data_dir,
+                                                                                     fixture_checksums):
+    run = tmp_path / 'run'
+    runs = [run_script([*LONG, '--save-every', '1', '--data-dir', data_dir, '--out-dir', run], fixture_checksums,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.pid, p.returncode, *p.communicate(timeout=300)) for p in runs]
+    results = [(pid, p.returncode, out, err) for (pid, _, out, err), p in zip(results, runs)]
+    assert sorted(code for _, code, _, _ in results) == [0, 1], results
+    winner = next(pid for pid, code, _, _ in results if code == 0)
+    err = next(err for _, code, _, err in results if code == 1)
+    assert err == f'error: {run} is in use by another run (pid {winner}); wait for it to end or choose another ' \
+                  '--out-dir\n'
+    assert json.loads((run / 'summary.json').read_text())['steps'] == 180
+    assert not (run / '.lock').exists()
+
+
+def test_a_held_folder_is_refused_for_a_resume_too(tmp_path, data_dir, capsys):
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    before = (run / 'model.pt').read_bytes()
+    lock = tm.lock_file(str(run / '.lock'))  # as another run holding the folder would
+    try:
+        capsys.readouterr()
+        assert tm.main(['--resume', str(run), '--epochs', '2']) == 1
+        assert capsys.readouterr().err == f'error: {run} is in use by another run (pid {os.getpid()}); wait for it ' \
+                                          'to end or choose another --out-dir\n'
+    finally:
+        os.close(lock)
+    assert (run / 'model.pt').read_bytes() == before
+
+
+def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folders = [tm.new_run_folder() for _ in range(3)]
+    assert len(set(folders)) == 3 and all(os.path.isdir(f) for f in folders)
+
+
+def test_resume_into_another_folder_is_a_usage_error(tmp_path, data_dir, capsys):
+    for name in ('a', 'b'):
+        assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / name)]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'b').iterdir()}
+    capsys.readouterr()
+    assert tm.main(['--resume', str(tmp_path / 'a'), '--epochs', '2', '--out-dir', str(tmp_path / 'b')]) == 2
+    assert 'a resumed run goes on in its own folder' in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'b').iterdir()} == before
+
+
+@pytest.mark.parametrize('out_dir', ['given', None])
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, monkeypatch, capsys, out_dir):
+    monkeypatch.chdir(tmp_path)
+    flags = ['--out-dir', str(tmp_path / 'new' / 'run')] if out_dir else []
+    assert tm.main([*FAST, '--no-download', '--data-dir', str(tmp_path / 'nodata'), *flags]) == 1
+    assert 'MNIST is not available' in capsys.readouterr().err
+    assert not (tmp_path / 'new' / 'run').exists() and not (tmp_path / 'runs').exists()
+
+
+# A checkpoint is input too
+
+@pytest.fixture(scope='module')
+def good_checkpoint(uninterrupted):
+    return (uninterrupted[1] / 'model.pt').read_bytes()
+
+
+def set_config(name, value):
+    return lambda c: c['config'].update({name: value})
+
+
+@pytest.mark.parametrize('craft, field', [
+    (set_config('lr', 'x'), 'config.lr'),
+    (set_config('log_interval', 0), 'config.log_interval'),
+    (set_config('eval_size', 0), 'config.eval_size'),
+    (set_config('threads', -5), 'config.threads'),
+    (set_config('device', 'tpu'), 'config.device'),
+    (set_config('tsne', 'yes'), 'config.tsne'),
+    (lambda c: c.update(config=[1, 2]), 'config is a list'),
+    (lambda c: c['config'].pop('batch_size'), 'config.batch_size is missing'),
+    (lambda c: c['config'].update(future_option=1), 'config.future_option is unknown'),
+    (lambda c: c.update(model=[1, 2]), 'holds a different model'),
+    (lambda c: c['progress'].update(from_a_newer_version=1), 'progress.from_a_newer_version is unknown'),
+    (lambda c: c['progress'].update(step=-1), 'progress.step'),
+    (lambda c: c['progress'].update(metrics=[{'step': 1}]), 'progress.metrics'),
+    (lambda c: c.update(progress='x'), 'progress is a str'),
+    (lambda c: c['rng'].update(torch=torch.zeros(10, dtype=torch.uint8)), 'rng'),
+    (lambda c: c.update(rng=[]), 'rng'),
+    (lambda c: c.update(optimizer={}), 'optimizer'),
+    (lambda c: c['optimizer']['state'][0].update(exp_avg=torch.zeros(3)), 'optimizer state does not fit'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 3), 'steps': [1, 2], 'titles': ['a', 'b']}), 'tsne'),
+])
+def test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
+    checkpoint = torch.load(io.BytesIO(good_checkpoint), weights_only=True)
+    craft(checkpoint)
+    path = tmp_path / 'model.pt'
+    torch.save(checkpoint, path)
+    assert tm.main(['--resume', str(path)]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and field in captured.err, captured.err
+    assert 'Traceback' not in captured.out + captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.pt']
+
+
+# Every stop is one honest line
+
+def test_ctrl_c_while_the_outputs_are_written_says_training_is_saved_and_how_to_finish(tmp_path, data_dir,
+                                                                                       monkeypatch, capsys):
+    run = tmp_path / 'run'
+    real_draw = tm.draw_pictures
+
+    def draw_then_ctrl_c(*args):
+        signal.raise_signal(signal.SIGINT)
+        real_draw(*args)
+    monkeypatch.setattr(tm, 'draw_pictures', draw_then_ctrl_c)
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f'interrupted while writing the final outputs; training is done and saved in {run}. '
+                          'Write them with: ') and err.rstrip().endswith(f'--resume {run}')
+    assert len(err.strip().splitlines()) == 1
+    assert not (run / 'summary.json').exists() and not [p for p in os.listdir(run) if p.startswith('.')]
+    monkeypatch.setattr(tm, 'draw_pictures', real_draw)
+    assert tm.main(['--resume', str(run)]) == 0
+    assert json.loads((run / 'summary.json').read_text())['steps'] == 12
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, SCRIPT, '--no-tsne'], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while 'libtorch' not in open(f'/proc/{process.pid}/maps').read():  # torch's import has begun
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr == 'interrupted before training started; nothing was written\n' and stdout == ''
+
+
+def test_ctrl_c_again_after_the_checkpoint_is_saved_stays_quiet(uninterrupted, tmp_path, fixture_checksums):
+    data, _ = uninterrupted
+    run = tmp_path / 'run'
+    code = ('import os, signal, sys, train_mnist_cnn as tm; '
+            f'tm.MNIST_MD5.update({fixture_checksums!r}); sys.argv[0] = {SCRIPT!r}; '
+            'real = tm.dist.is_initialized; '
+            'tm.dist.is_initialized = lambda: (os.kill(os.getpid(), signal.SIGINT), real())[1]; '
+            'sys.exit(tm.main(sys.argv[1:]))')  # a second Ctrl-C lands as the run shuts down
+    process = subprocess.Popen([sys.executable, '-c', code, *LONG, '--save-every', '5', '--data-dir', str(data),
+                                '--out-dir', str(run)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
+    wait_for(run / 'model.pt', process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr == '' and 'checkpoint saved. Resume with:' in stdout

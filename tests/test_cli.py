@@ -23,6 +23,7 @@ BAD_FLAGS = [
     ['--device', 'gpu'], ['--device', 'cuda:x'], ['--device', ''], ['--device', 'cuda:99999'],
     ['--data-dir', ''], ['--out-dir', ' '],
     ['--bogus'], ['--epochs'], ['positional'],
+    ['--eval-size', '10'], ['--eval-size', '49', '--tsne-points', '300'],  # too few points for the film
 ]
 
 
@@ -171,3 +172,10 @@ def test_inline_script_metadata_matches_requirements():
                     if line.strip() and not line.startswith('#')]
     assert metadata['dependencies'] == requirements
     assert metadata['requires-python'].startswith('>=')
+
+
+def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsys):
+    assert tm.main(['--eval-size', '10', '--out-dir', str(tmp_path / 'run')]) == 2
+    line = one_line_error(capsys)
+    assert '--eval-size 10' in line and '--tsne-points' in line and '--no-tsne' in line
+    assert tm.make_config(tm.parse_flags(['--eval-size', '10', '--no-tsne'])).eval_size == 10

@@ -4,17 +4,20 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
+import signal
 import threading
 import zipfile
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 
 import train_mnist_cnn as tm
-from conftest import fixture_arrays
+from conftest import FAST, fixture_arrays
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -131,15 +134,113 @@ def test_local_files_need_no_fetch(data_dir, monkeypatch):
     assert 'local files verified' in log
 
 
-def test_verification_is_cached_by_size_and_mtime(data_dir, monkeypatch):
+def test_a_file_altered_in_place_with_its_mtime_restored_is_caught(data_dir):
+    """No cache of earlier checks: every run checks the md5 of the very bytes it trains on."""
     ensure(data_dir)
-    calls = []
-    monkeypatch.setattr(tm, 'check_integrity', lambda *args: calls.append(args) or False)
-    assert 'local files verified' in ensure(data_dir)
-    assert calls == []
-    raw = data_dir / 'MNIST' / 'raw'
-    os.utime(raw / 't10k-labels-idx1-ubyte', ns=(1, 1))  # touched: checked again
-    assert tm.check_local_files(str(raw)) == [f'{raw}/t10k-labels-idx1-ubyte: checksum mismatch (truncated or altered)']
+    path = data_dir / 'MNIST' / 'raw' / 'train-labels-idx1-ubyte'
+    before = os.stat(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + bytes(len(data) - 8))  # every label zeroed, size unchanged
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(tm.RunError, match='train-labels-idx1-ubyte: checksum mismatch'):
+        ensure(data_dir, download=False)
+
+
+@pytest.mark.parametrize('cache', ['[]', '{"train-labels-idx1-ubyte": [1, 2, "x"]}', 'not json'])
+def test_a_verification_cache_left_by_an_older_version_is_ignored(data_dir, cache):
+    (data_dir / 'MNIST' / 'raw' / '.verified.json').write_text(cache)
+    assert 'local files verified' in ensure(data_dir, download=False)
+
+
+def test_legacy_processed_tensors_are_never_trained_on(tmp_path, data_dir):
+    """torchvision's old processed/*.pt beside verified raw files: the run reads the raw files' bytes only."""
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'clean')]) == 0
+    processed = data_dir / 'MNIST' / 'processed'
+    processed.mkdir()
+    for name, count in (('training.pt', 600), ('test.pt', 200)):  # garbage: blank images, every label 0
+        torch.save((torch.zeros(count, 28, 28, dtype=torch.uint8), torch.zeros(count, dtype=torch.int64)),
+                   processed / name)
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'legacy')]) == 0
+    clean, legacy = (json.loads((tmp_path / run / 'summary.json').read_text()) for run in ('clean', 'legacy'))
+    assert legacy['test_loss'] == clean['test_loss'] and legacy['test_accuracy'] == clean['test_accuracy']
+    assert (tmp_path / 'legacy' / 'metrics.csv').read_text().split('\n')[1].split(',')[:4] == \
+        (tmp_path / 'clean' / 'metrics.csv').read_text().split('\n')[1].split(',')[:4]
+
+
+def test_tensors_are_made_from_the_bytes_that_were_checked(data_dir, fixture_source):
+    files, problems = tm.read_mnist(str(data_dir / 'MNIST' / 'raw'), print)
+    assert problems == []
+    for name, array in fixture_arrays().items():
+        assert files[name] == (fixture_source[0] / name).read_bytes()
+        assert np.array_equal(tm.idx_tensor(files[name]).numpy(), array)
+
+
+def test_a_damaged_gz_with_its_file_missing_is_set_aside_and_the_download_follows(
+        empty_data, fixture_source, fixture_checksums, official_mirror):
+    raw = empty_data / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in fixture_checksums:
+        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    gz = raw / 'train-images-idx3-ubyte.gz'
+    gz.write_bytes(gz.read_bytes()[:20] + b'\x00' * 64)  # a gzip header, then garbage: zlib fails
+    log = ensure(empty_data)
+    assert f'{raw}/train-images-idx3-ubyte.gz: damaged (set aside as train-images-idx3-ubyte.gz.damaged)' in log
+    assert 'fetched and verified (md5) through the official download' in log
+    assert (raw / 'train-images-idx3-ubyte.gz.damaged').exists() and not gz.exists()
+    assert_fixture_installed(empty_data, fixture_checksums)
+    assert leftovers(empty_data) == []
+
+
+def test_unpacked_files_get_the_mode_of_the_users_umask(empty_data, fixture_source, fixture_checksums):
+    raw = empty_data / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in fixture_checksums:
+        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    previous = os.umask(0o022)
+    try:
+        ensure(empty_data, download=False)
+    finally:
+        os.umask(previous)
+    assert {oct(os.stat(raw / name).st_mode & 0o777) for name in fixture_checksums} == {'0o644'}
+
+
+def test_a_data_folder_that_cannot_be_written_trains_from_memory(tmp_path, empty_data, fixture_source,
+                                                                 fixture_checksums, monkeypatch, capsys):
+    raw = empty_data / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in fixture_checksums:
+        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    real_open = open
+
+    def read_only_open(file, mode='r', *args, **kwargs):  # as a read-only folder answers, even to root
+        if str(file).startswith(str(raw)) and ('w' in mode or '+' in mode):
+            raise PermissionError(13, 'Permission denied', str(file))
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr('builtins.open', read_only_open)
+    assert tm.main([*FAST, '--data-dir', str(empty_data), '--out-dir', str(tmp_path / 'run')]) == 0
+    out = capsys.readouterr().out
+    assert f'data: cannot write the unpacked {raw}/train-images-idx3-ubyte (Permission denied); training from ' \
+           'memory. A writable --data-dir keeps it for the next run' in out
+    assert sorted(p.name for p in raw.iterdir()) == sorted(name + '.gz' for name in fixture_checksums)
+
+
+def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, empty_data, fixture_source,
+                                                                     fixture_checksums, monkeypatch, capsys):
+    raw = empty_data / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in fixture_checksums:
+        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    real_fsync = os.fsync
+
+    def fsync_then_sigterm(fd):  # SIGTERM arrives while the second unpacked file is being written
+        real_fsync(fd)
+        if '.tmp-train-labels' in os.readlink(f'/proc/self/fd/{fd}'):
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(os, 'fsync', fsync_then_sigterm)
+    assert tm.main([*FAST, '--data-dir', str(empty_data), '--out-dir', str(tmp_path / 'run')]) == 143
+    assert capsys.readouterr().err == 'interrupted before training started; nothing was written\n'
+    assert leftovers(empty_data) == []
+    assert not (tmp_path / 'run').exists()
 
 
 def test_gz_files_left_by_torchvision_are_unpacked(empty_data, fixture_source, fixture_checksums):

@@ -1,6 +1,7 @@
 """torchrun: the same script, data-parallel with Gloo on CPU, on the fixture."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,10 +15,13 @@ LAUNCHER = '''import os, sys
 sys.path.insert(0, {root!r})
 import train_mnist_cnn as tm
 tm.MNIST_MD5.update({checksums!r})
-if os.environ.get('FAIL_RANK') == os.environ['RANK']:  # a rank that dies mid-run
+if os.environ.get('FAIL_RANK') == os.environ['RANK']:  # a rank that fails mid-run, or is killed
+    import signal
     real_step, steps = tm.train_step, []
     def train_step(*args):
         steps.append(1)
+        if len(steps) == 3 and os.environ.get('FAIL_HOW') == 'SIGKILL':
+            os.kill(os.getpid(), signal.SIGKILL)
         if len(steps) == 3:
             raise RuntimeError('injected failure in rank ' + os.environ['RANK'])
         return real_step(*args)
@@ -26,13 +30,17 @@ sys.exit(tm.main(sys.argv[1:]))
 '''
 
 
-def torchrun(tmp_path, checksums, args, processes=2, env_changes=None, timeout=240):
+def torchrun_command(tmp_path, checksums, args, processes=2, launch=('--standalone',)):
     launcher = tmp_path / 'launch.py'
     launcher.write_text(LAUNCHER.format(root=ROOT, checksums=checksums))
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
-               str(launcher), *map(str, args)]
+    return [sys.executable, '-m', 'torch.distributed.run', *launch, f'--nproc_per_node={processes}',
+            str(launcher), *map(str, args)]
+
+
+def torchrun(tmp_path, checksums, args, processes=2, env_changes=None, timeout=240, launch=('--standalone',)):
     env = {**os.environ, 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1', **(env_changes or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    return subprocess.run(torchrun_command(tmp_path, checksums, args, processes, launch), capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
 def test_two_processes_match_one_over_the_same_global_batches(tmp_path, data_dir, fixture_checksums):
@@ -85,3 +93,39 @@ def test_processes_come_from_torchruns_variables(monkeypatch, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert tm.world_from_env() == expected
+
+
+def test_survivors_of_a_killed_process_say_so_in_one_line(tmp_path, data_dir, fixture_checksums):
+    logs = tmp_path / 'logs'
+    out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
+                   env_changes={'FAIL_RANK': '1', 'FAIL_HOW': 'SIGKILL'}, timeout=180,
+                   launch=('--standalone', '--redirects', '3', '--log-dir', str(logs)))
+    assert out.returncode != 0
+    [survivor] = logs.glob('*/attempt_0/0/stderr.log')
+    assert survivor.read_text() == '[rank 0] error: another process of the job failed; its own output says why\n'
+
+
+def test_the_first_process_of_every_machine_makes_sure_of_the_data(tmp_path, data_dir, fixture_source,
+                                                                    fixture_checksums):
+    """Two machines simulated on this one: the second has its own data folder, holding only the .gz files."""
+    other = tmp_path / 'other-machine' / 'MNIST' / 'raw'
+    other.mkdir(parents=True)
+    for name in fixture_checksums:
+        (other / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1'}
+    nodes = []
+    for node, data in enumerate([data_dir, other.parent.parent]):
+        (tmp_path / f'node{node}').mkdir()
+        launch = ('--nnodes=2', f'--node_rank={node}', '--master_addr=127.0.0.1', f'--master_port={port}')
+        command = torchrun_command(tmp_path / f'node{node}', fixture_checksums,
+                                   [*FAST, '--data-dir', data, '--out-dir', tmp_path / 'run'], 1, launch)
+        nodes.append(subprocess.Popen(command, env=env, cwd=tmp_path / f'node{node}', stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[1][1][-3000:]
+    assert '[rank 1] data: local files verified (md5)' in outputs[1][0]
+    assert sorted(p.name for p in other.iterdir() if not p.name.endswith('.gz')) == sorted(fixture_checksums)
+    assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['world_size'] == 2
