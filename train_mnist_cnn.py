@@ -109,6 +109,12 @@ def device_name(text):
     return text
 
 
+def precision_name(text):
+    if text not in ('fp32', 'bf16'):
+        raise argparse.ArgumentTypeError(f'expected fp32 or bf16, got {text!r}')
+    return text
+
+
 def path_name(text):
     if not text.strip():
         raise argparse.ArgumentTypeError('must not be empty')
@@ -122,6 +128,8 @@ class Config:
     lr: float = option(0.001, 'Adam learning rate', learning_rate, metavar='F')
     device: str = option('auto', 'auto, cpu, cuda, cuda:N or mps; auto takes CUDA, then MPS, then CPU',
                          device_name, metavar='DEV')
+    precision: str = option('fp32', "fp32 (the tutorial's numerics) or bf16 (autocast, on CUDA and on CPUs with "
+                            'native bfloat16); checkpoints stay fp32', precision_name, metavar='P')
     seed: int = option(1, 'seeds the initial weights and the order of the training images',
                        whole_number(0, 2**32 - 1))
     data_dir: str = option('./mnist', 'MNIST lives in DIR/MNIST/raw, fetched if missing', path_name, metavar='DIR')
@@ -199,10 +207,16 @@ def to_unit_range(images):
     return images.float().div_(255)
 
 
-def train_step(model, optimizer, images, labels, batch_size, world_size):
+def autocast(device, precision):
+    """With bf16, convolutions and matmuls run in bfloat16; the weights, their gradients and Adam stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+def train_step(model, optimizer, images, labels, batch_size, world_size, precision='fp32'):
     """One Adam step on this process's share of a global batch; returns its mean loss as a tensor (no host sync)."""
-    logits, _ = model(to_unit_range(images))
-    loss_sum = F.cross_entropy(logits, labels, reduction='sum')
+    with autocast(images.device, precision):
+        logits, _ = model(to_unit_range(images))
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction='sum')
     optimizer.zero_grad(set_to_none=True)
     # sum / global batch size, times the processes that DDP averages over: the global mean's gradient
     (loss_sum * (world_size / batch_size)).backward()
@@ -219,14 +233,15 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, keep_features=0):
+def evaluate(model, images, labels, keep_features=0, precision='fp32'):
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
     predictions, features = [], []
     size = CPU_EVAL_BATCH if images.device.type == 'cpu' else len(images)
     for start in range(0, len(images), size):
-        logits, batch_features = model(to_unit_range(images[start:start + size]))
-        loss_sum += F.cross_entropy(logits, labels[start:start + size], reduction='sum')
+        with autocast(images.device, precision):
+            logits, batch_features = model(to_unit_range(images[start:start + size]))
+        loss_sum += F.cross_entropy(logits.float(), labels[start:start + size], reduction='sum')
         predictions.append(logits.argmax(1))
         if start < keep_features:
             features.append(batch_features)
@@ -257,7 +272,7 @@ def train(run, signals):
             batch = order[progress.step_in_epoch * config.batch_size:][:config.batch_size]
             mine = batch.tensor_split(world.size)[world.rank]
             loss = train_step(run.trained_model, run.optimizer, run.train_images[mine], run.train_labels[mine],
-                              len(batch), world.size)
+                              len(batch), world.size, config.precision)
             progress.step += 1
             progress.step_in_epoch += 1
             window_images += len(batch)
@@ -348,7 +363,7 @@ class Run:
         """Score the eval subset, print a line, record the metrics row and queue a film frame."""
         config, progress = self.config, self.progress
         result = evaluate(self.model, self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
-                          keep_features=self.tsne_points)
+                          self.tsne_points, config.precision)
         elapsed = self.elapsed()
         progress.metrics.append({'epoch': progress.epoch + 1, 'step': progress.step, 'train_loss': round(loss, 6),
                                  'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(elapsed, 3)})
@@ -362,7 +377,7 @@ class Run:
 
     def test_all(self):
         """The full test set, scored and logged."""
-        result = evaluate(self.model, self.test_images, self.test_labels)
+        result = evaluate(self.model, self.test_images, self.test_labels, precision=self.config.precision)
         self.log(f'epoch {self.progress.epoch:>2}/{self.config.epochs} done | test loss {result.loss:.4f} '
                  f'| test acc {result.accuracy:.4f} ({len(self.test_images)} images) | {self.elapsed():.1f} s')
         return result
@@ -1233,6 +1248,25 @@ def resolve_device(name, world):
     return torch.device(name)
 
 
+def check_precision(precision, device):
+    """bf16 only where the chip computes it natively: CUDA devices that say so, and CPUs whose capabilities
+    (torch.cpu.get_capabilities: AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm) list it."""
+    if precision != 'bf16':
+        return
+    if device.type == 'cuda':
+        if not torch.cuda.is_bf16_supported():
+            raise UsageError(f'--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16; '
+                             'use --precision fp32')
+    elif device.type == 'cpu':
+        capabilities = getattr(torch.cpu, 'get_capabilities', lambda: {})()
+        if not any(capabilities.get(k) for k in ('avx512_bf16', 'amx_bf16', 'bf16', 'sve_bf16')):
+            raise UsageError('--precision bf16: this CPU has no native bfloat16 (no AVX512-BF16, AMX-BF16 or Arm '
+                             'BF16 in torch.cpu.get_capabilities()); emulated it would be slower than fp32. '
+                             'Use --precision fp32')
+    else:
+        raise UsageError(f'--precision bf16 is offered on CUDA and CPUs, not on {device.type}; use --precision fp32')
+
+
 def join_process_group(world, device):
     if world.size > 1:
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
@@ -1319,11 +1353,13 @@ def stop_message(status, stopped, world):
 
 def train_and_report(config, world, checkpoint, status, wall_started):
     device = resolve_device(config.device, world)
+    check_precision(config.precision, device)
     if config.batch_size < world.size:
         raise UsageError(f'--batch-size {config.batch_size} is smaller than the {world.size} processes; '
                          'it counts images per step over all of them')
     log = make_logger(world)
-    log(f'device: {device}' + (f' ({world.size} processes)' if world.size > 1 else ''))
+    log(f'device: {device}' + (f' ({world.size} processes)' if world.size > 1 else '')
+        + (', bf16 autocast' if config.precision == 'bf16' else ''))
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == 'cuda':

@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Speed, measured side by side: the tutorial's pipeline, the floor, and train_mnist_cnn.py.
+"""Speed, measured side by side and against the hardware's limit: the tutorial's pipeline, the floor, and
+train_mnist_cnn.py in fp32 and bf16.
 
     python tests/benchmark.py [--device cpu|cuda] [--epochs N] [--repeats N] [--data-dir DIR] [--json FILE]
-    python tests/benchmark.py --film ...   # the t-SNE film's cost: ours animated against ours --no-tsne
+    python tests/benchmark.py --film ...      # the t-SNE film's cost: ours animated against ours --no-tsne
+    python tests/benchmark.py --seeds N ...   # one-epoch accuracy and time over seeds 1..N, fp32 and bf16
 
-In one run, on the same data and device, it times whole processes, alternated so that machine drift
-cancels (tutorial, floor, ours, tutorial, ...), and the training phase alone:
+In one run, on the same data and device, it measures the matmul peak (fp32 and bf16), counts the FLOPs of
+one epoch (training steps, the periodic evaluations, the final test), then times whole processes,
+alternated so that machine drift cancels (tutorial, floor, ours fp32, ours bf16, tutorial, ...), and the
+training phases alone:
 - tutorial: torchvision MNIST with the per-sample ToTensor transform, DataLoader(batch 50, shuffle=True),
   the same CNN, Adam and loss, and one forward of the first 2000 test images every 50 steps.
 - floor: a minimal process that imports, loads the same files into tensors on the device, and does the
   same steps over a randperm of them and the tutorial's evaluations (one forward of the first 2000
   test images every 50 steps, without autograd), with nothing else.
-- ours: `python train_mnist_cnn.py --no-tsne` as a user runs it; for the training phase, its own
-  functions (load_split, CNN, make_optimizer, epoch_order, train_step) called in a loop.
-The data must already be in DATA_DIR/MNIST/raw (run the script once). Not part of the pytest run.
+- ours: `python train_mnist_cnn.py --no-tsne [--precision bf16]` as a user runs it; for the training
+  phase, its own functions (load_mnist, CNN, make_optimizer, epoch_order, train_step) called in a loop.
+Each figure is printed with the GFLOP/s it achieves and its share of the matching matmul peak. The data
+must already be in DATA_DIR/MNIST/raw (run the script once). Not part of the pytest run.
 """
 import argparse
 import functools
@@ -27,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'train_mnist_cnn.py')
-BATCH, LR, LOG_EVERY, EVAL_SIZE = 50, 0.001, 50, 2000
+BATCH, LR, LOG_EVERY, EVAL_SIZE, TRAIN_SIZE, TEST_SIZE = 50, 0.001, 50, 2000, 60000, 10000
 
 
 # -----------------------------------------------------------------------------
@@ -104,12 +109,13 @@ def floor(data_dir, device, epochs, evaluate=True):
     return time.perf_counter() - started
 
 
-def ours_phase(data_dir, device, epochs):
+def ours_phase(data_dir, device, epochs, precision='fp32'):
     """Only our training steps, through the script's own functions."""
     import torch
     sys.path.insert(0, ROOT)
     import train_mnist_cnn as tm
-    images, labels = tm.load_split(data_dir, True, device)
+    mnist = tm.load_mnist(data_dir, False, tm.World(), lambda message: None)
+    images, labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
     torch.manual_seed(1)
     model = tm.to_device(tm.CNN(), device)
     optimizer = tm.make_optimizer(model, LR, device)
@@ -118,12 +124,13 @@ def ours_phase(data_dir, device, epochs):
         order = tm.epoch_order(tm.draw_epoch_seed(), len(images)).to(device)
         for step in range((len(images) + BATCH - 1) // BATCH):
             batch = order[step * BATCH:(step + 1) * BATCH]
-            tm.train_step(model, optimizer, images[batch], labels[batch], len(batch), 1)
+            tm.train_step(model, optimizer, images[batch], labels[batch], len(batch), 1, precision)
     sync(device)
     return time.perf_counter() - started
 
 
 ROLES = {'tutorial': tutorial, 'floor': floor, 'ours_phase': ours_phase,
+         'ours_phase_bf16': functools.partial(ours_phase, precision='bf16'),
          'floor_phase': functools.partial(floor, evaluate=False)}
 
 
@@ -134,7 +141,53 @@ def run_role(role, data_dir, device_name, epochs):
 
 
 # -----------------------------------------------------------------------------
+# The limit: the matmul peak, and the FLOPs of one epoch
+
+
+def matmul_peak(device_name, size=2048, seconds=1.0):
+    """GFLOP/s of a size x size matmul in fp32 and in bf16, the best of repeated timings."""
+    import torch
+    device = torch.device(device_name)
+    peaks = {}
+    for name, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
+        a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+        a @ b
+        sync(device)
+        best, deadline = float('inf'), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            sync(device)
+            best = min(best, (time.perf_counter() - started) / 4)
+        peaks[name] = 2 * size ** 3 / best / 1e9
+    return peaks
+
+
+def epoch_flops():
+    """FLOPs of one epoch as torch's FlopCounterMode counts them: the training steps, the 24 evaluations of
+    2000 images and the final 10,000-image test."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, ROOT)
+    from train_mnist_cnn import CNN
+    model = CNN()
+    images, labels = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(model(images)[0], labels).backward()
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(images)
+    per_image = forward.get_total_flops() / BATCH
+    steps = -(-TRAIN_SIZE // BATCH)
+    evaluations = steps // LOG_EVERY
+    return {'train': step.get_total_flops() * steps, 'evaluations': per_image * EVAL_SIZE * evaluations,
+            'final_test': per_image * TEST_SIZE}
+
+
+# -----------------------------------------------------------------------------
 # The parent: alternate whole processes, then the phases, then report
+
 
 def timed(command):
     started = time.perf_counter()
@@ -150,58 +203,76 @@ def child(role, args):
             '--epochs', str(args.epochs)]
 
 
-def ours_command(args, out_dir):
+def ours_command(args, out_dir, precision='fp32', seed=1):
     return [sys.executable, SCRIPT, '--no-tsne', '--no-download', '--device', args.device, '--epochs',
-            str(args.epochs), '--data-dir', args.data_dir, '--out-dir', out_dir]
+            str(args.epochs), '--data-dir', args.data_dir, '--out-dir', out_dir, '--precision', precision,
+            '--seed', str(seed)]
 
 
 def measure(args):
-    whole = {'tutorial': [], 'floor': [], 'ours': []}
-    phase = {'ours_phase': [], 'floor_phase': []}
-    ours_summaries = []
+    whole = {'tutorial': [], 'floor': [], 'ours': [], 'ours_bf16': []}
+    phase = {'floor_phase': [], 'ours_phase': [], 'ours_phase_bf16': []}
+    summaries = {'ours': [], 'ours_bf16': []}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
-            for name in ('tutorial', 'floor', 'ours'):
-                if name == 'ours':
-                    out_dir = os.path.join(scratch, f'run{repeat}')
-                    seconds, _ = timed(ours_command(args, out_dir))
+            for name in whole:
+                if name.startswith('ours'):
+                    out_dir = os.path.join(scratch, f'{name}{repeat}')
+                    seconds, _ = timed(ours_command(args, out_dir, 'bf16' if name.endswith('bf16') else 'fp32'))
                     with open(os.path.join(out_dir, 'summary.json')) as f:
-                        ours_summaries.append(json.load(f))
+                        summaries[name].append(json.load(f))
                 else:
                     seconds, _ = timed(child(name, args))
                 whole[name].append(seconds)
-                print(f'  whole process  {name:<8} {seconds:7.2f} s', flush=True)
-            for name in ('floor_phase', 'ours_phase'):
+                print(f'  whole process  {name:<16} {seconds:7.2f} s', flush=True)
+            for name in phase:
                 _, stdout = timed(child(name, args))
                 phase[name].append(json.loads(stdout.strip().splitlines()[-1])['seconds'])
-                print(f'  training phase {name:<11} {phase[name][-1]:7.2f} s', flush=True)
-    return whole, phase, ours_summaries
+                print(f'  training phase {name:<16} {phase[name][-1]:7.2f} s', flush=True)
+    return whole, phase, summaries
 
 
-def report(args, whole, phase, ours_summaries):
+def report(args, peaks, flops, whole, phase, summaries):
     import torch
     median = {name: statistics.median(times) for name, times in {**whole, **phase}.items()}
-    images = 60000 * args.epochs
+    epoch_total = sum(flops.values()) * args.epochs
+    train_total = flops['train'] * args.epochs
+
+    def achieved(name):
+        total = train_total if name.endswith(('phase', 'phase_bf16')) else epoch_total
+        gflops = total / median[name] / 1e9
+        peak = peaks['bf16' if name.endswith('bf16') else 'fp32']
+        return {'seconds': round(median[name], 3), 'gflops': round(gflops, 1), 'share_of_peak': round(gflops / peak, 4)}
+
     result = {
         'device': args.device, 'epochs': args.epochs, 'repeats': args.repeats, 'torch': str(torch.__version__),
         'cpu_threads': torch.get_num_threads(), 'machine': os.uname().machine,
         'gpu': torch.cuda.get_device_name() if args.device.startswith('cuda') else None,
-        'seconds_median': {k: round(v, 3) for k, v in median.items()},
+        'matmul_peak_gflops': {k: round(v, 1) for k, v in peaks.items()},
+        'epoch_tflop': {k: round(v * args.epochs / 1e12, 4) for k, v in flops.items()},
+        'programs': {name: achieved(name) for name in median},
         'seconds_all': {k: [round(x, 3) for x in v] for k, v in {**whole, **phase}.items()},
-        'images_per_second_phase': {k: round(images / median[k], 1) for k in phase},
         'ratio_ours_to_tutorial_whole': round(median['ours'] / median['tutorial'], 3),
+        'ratio_ours_bf16_to_tutorial_whole': round(median['ours_bf16'] / median['tutorial'], 3),
         'ratio_ours_to_floor_whole': round(median['ours'] / median['floor'], 3),
-        'ratio_floor_to_tutorial_whole': round(median['floor'] / median['tutorial'], 3),
         'ratio_ours_to_floor_phase': round(median['ours_phase'] / median['floor_phase'], 3),
-        'ours_startup_seconds_median': round(statistics.median(s['startup_seconds'] for s in ours_summaries), 3),
-        'ours_train_seconds_median': round(statistics.median(s['train_seconds'] for s in ours_summaries), 3),
-        'ours_test_accuracy': [round(s['test_accuracy'], 4) for s in ours_summaries],
+        'ratio_bf16_to_fp32_phase': round(median['ours_phase_bf16'] / median['ours_phase'], 3),
+        'ours_startup_seconds_median': {k: round(statistics.median(s['startup_seconds'] for s in v), 3)
+                                        for k, v in summaries.items()},
+        'ours_test_accuracy': {k: [round(s['test_accuracy'], 4) for s in v] for k, v in summaries.items()},
     }
     print(json.dumps(result, indent=2))
+    print(f'\n{"program":<18}{"seconds":>9}{"GFLOP/s":>10}{"of peak":>9}')
+    for name, figures in result['programs'].items():
+        print(f'{name:<18}{figures["seconds"]:>9.2f}{figures["gflops"]:>10.1f}{figures["share_of_peak"]:>9.1%}')
+    write_json(args, result)
+    return result
+
+
+def write_json(args, result):
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=2)
-    return result
 
 
 def measure_film(args):
@@ -227,9 +298,33 @@ def measure_film(args):
               'tsne_frames': summary['tsne_frames'], 'tsne_jump': round(summary['tsne_jump'], 4),
               'tsne_neighbour_agreement': round(summary['tsne_neighbour_agreement'], 4), 'gif_bytes': gif_bytes}
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+    write_json(args, result)
+
+
+def measure_seeds(args):
+    """One-epoch full-test accuracy and time over seeds 1..N, fp32 and bf16 alternated: mean, sd, min, max."""
+    runs = {'fp32': [], 'bf16': []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in range(1, args.seeds + 1):
+            for precision in runs:
+                out_dir = os.path.join(scratch, f'{precision}-{seed}')
+                seconds, _ = timed(ours_command(args, out_dir, precision, seed))
+                with open(os.path.join(out_dir, 'summary.json')) as f:
+                    summary = json.load(f)
+                runs[precision].append({'seed': seed, 'test_accuracy': summary['test_accuracy'],
+                                        'train_seconds': summary['train_seconds'], 'whole_seconds': seconds})
+                print(f'  seed {seed} {precision}: accuracy {summary["test_accuracy"]:.4f}, training '
+                      f'{summary["train_seconds"]:.2f} s, whole {seconds:.2f} s', flush=True)
+
+    def spread(values):
+        return {'mean': round(statistics.mean(values), 4), 'sd': round(statistics.stdev(values), 4) if
+                len(values) > 1 else 0.0, 'min': round(min(values), 4), 'max': round(max(values), 4)}
+    result = {precision: {key: spread([r[key] for r in rows]) for key in ('test_accuracy', 'train_seconds',
+                                                                          'whole_seconds')}
+              for precision, rows in runs.items()}
+    result['runs'] = runs
+    print(json.dumps(result, indent=2))
+    write_json(args, result)
 
 
 def main():
@@ -240,6 +335,7 @@ def main():
     parser.add_argument('--data-dir', default=os.path.join(ROOT, 'mnist'), help='MNIST root (default: ./mnist)')
     parser.add_argument('--json', metavar='FILE', help='also write the results here')
     parser.add_argument('--film', action='store_true', help='time the t-SNE film against --no-tsne instead')
+    parser.add_argument('--seeds', type=int, metavar='N', help='accuracy and time over seeds 1..N instead')
     parser.add_argument('--role', choices=ROLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -247,9 +343,14 @@ def main():
     if args.film:
         print(f'benchmark: {args.repeats} x (--no-tsne, film) whole processes on {args.device}', flush=True)
         return measure_film(args)
-    print(f'benchmark: {args.repeats} x (tutorial, floor, ours) whole processes, then training phases; '
-          f'{args.epochs} epoch(s) on {args.device}', flush=True)
-    report(args, *measure(args))
+    if args.seeds:
+        print(f'benchmark: seeds 1..{args.seeds}, fp32 and bf16, {args.epochs} epoch(s) on {args.device}', flush=True)
+        return measure_seeds(args)
+    peaks, flops = matmul_peak(args.device), epoch_flops()
+    print(f'benchmark: matmul peak {peaks["fp32"]:.0f} GFLOP/s fp32, {peaks["bf16"]:.0f} bf16; one epoch '
+          f'{sum(flops.values()) / 1e12:.2f} TFLOP; {args.repeats} x (tutorial, floor, ours, ours bf16) whole '
+          f'processes, then training phases; {args.epochs} epoch(s) on {args.device}', flush=True)
+    report(args, peaks, flops, *measure(args))
 
 
 if __name__ == '__main__':

@@ -24,6 +24,7 @@ TRAIN_COUNT, TEST_COUNT = 600, 200
 def pytest_configure(config):
     config.addinivalue_line('markers',
                             'network: needs a package index to fetch real MNIST (deselect with -m "not network")')
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device; skipped, with the reason, where torch sees none')
 
 
 def write_idx(path, array):

@@ -103,3 +103,48 @@ def test_eval_batches_cover_every_image():
         logits, _ = model(images.float() / 255)
     assert torch.equal(result.predictions, logits.argmax(1))
     assert result.accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """A CPU that reports native bfloat16, whatever this one has: autocast itself runs anywhere."""
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: {'avx512_bf16': True}, raising=False)
+
+
+def test_bf16_trains_keeps_fp32_checkpoints_and_resumes_across_precisions(tmp_path, data_dir, native_bf16, capsys):
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--precision', 'bf16', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == 'device: cpu, bf16 autocast'
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['test_accuracy'] > 0.9 and summary['config']['precision'] == 'bf16'
+    checkpoint = torch.load(run / 'model.pt', weights_only=True)
+    assert {t.dtype for t in checkpoint['model'].values()} == {torch.float32}
+    assert tm.main(['--resume', str(run), '--epochs', '2', '--precision', 'fp32']) == 0
+    assert json.loads((run / 'summary.json').read_text())['config']['precision'] == 'fp32'
+    assert tm.main(['--resume', str(run), '--epochs', '3', '--precision', 'bf16']) == 0
+    assert json.loads((run / 'summary.json').read_text())['steps'] == 36
+
+
+def test_bf16_step_computes_in_bf16_and_updates_fp32_weights():
+    model = tm.CNN()
+    optimizer = tm.make_optimizer(model, 0.001, torch.device('cpu'))
+    images, labels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.arange(8)
+    seen = []
+    model.out.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    before = model.out.weight.detach().clone()
+    loss = tm.train_step(model, optimizer, images, labels, 8, 1, 'bf16')
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32
+    assert model.out.weight.dtype == torch.float32 and not torch.equal(model.out.weight, before)
+
+
+@pytest.mark.parametrize('capabilities, device, message', [
+    ({'avx2': True}, 'cpu', 'this CPU has no native bfloat16'),
+    ({'avx512_bf16': True}, 'mps', 'not on mps'),
+])
+def test_bf16_where_the_chip_has_none_is_a_usage_error(monkeypatch, tmp_path, capsys, capabilities, device, message):
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: capabilities, raising=False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: device == 'mps')
+    assert tm.main(['--precision', 'bf16', '--device', device, '--no-tsne', '--out-dir', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('usage error: --precision bf16') and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'run').exists()
