@@ -28,9 +28,11 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import glob
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -351,7 +353,8 @@ class Run:
         self.film = None
         if self.tsne_points and world.is_main:
             labels = self.test_labels[:self.tsne_points].cpu().numpy()
-            self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, background=device.type != 'cpu')
+            self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, self.progress.metrics,
+                                 config.epochs * self.steps_per_epoch, background=device.type != 'cpu')
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
         self.startup_seconds = time.perf_counter() - PROCESS_STARTED
 
@@ -372,8 +375,9 @@ class Run:
                  f'| {images_per_second:7.0f} img/s | {elapsed:7.1f} s')
         if self.film is not None:
             last = progress.step + config.log_interval > config.epochs * self.steps_per_epoch
-            self.film.add_frame(result.features, progress.step, f'Last layer, epoch {progress.epoch + 1}, step '
-                                f'{progress.step}: accuracy {result.accuracy:.3f}', last)
+            self.film.add_frame(result.features, result.predictions[:self.tsne_points], progress.step,
+                                f'Last layer, epoch {progress.epoch + 1}, step {progress.step}: eval accuracy '
+                                f'{result.accuracy:.3f}', last)
 
     def test_all(self):
         """The full test set, scored and logged."""
@@ -418,6 +422,7 @@ class Run:
         write_json(os.path.join(self.out_dir, 'summary.json'), summary)
         self.log(f'done: test accuracy {test.accuracy:.4f}, {train_seconds:.1f} s training; '
                  f'files in {self.out_dir}')
+        return summary
 
 
 # -----------------------------------------------------------------------------
@@ -425,42 +430,35 @@ class Run:
 
 
 class TsneFilm:
-    """Embeds features in a worker thread, each frame starting from the last, and draws the frames in the
-    main thread (matplotlib's) as they come.
+    """The film of what the last layer learns. At each log step the features of the film's test images are
+    embedded in 2-D by t-SNE in a worker thread, each frame starting from the last; the main thread
+    (matplotlib's) shows the frames in a live window as they come. At the end the GIF is drawn from the
+    embedded frames, with a few interpolated frames between each two so that the points glide.
 
     Beside training on a GPU the worker runs freely. Training on a CPU waits for each frame instead:
     sharing the cores costs more than taking turns (measured on 2 cores)."""
 
-    def __init__(self, labels, seed, out_dir, history, background):
+    def __init__(self, labels, seed, out_dir, history, metrics, total_steps, background):
         import matplotlib.pyplot as plt
-        from matplotlib import colormaps
-        from matplotlib.animation import PillowWriter
         from matplotlib.backends import BackendFilter, backend_registry
         self.labels, self.seed, self.out_dir, self.background = labels, seed, out_dir, background
-        self.embeddings, self.steps, self.titles = [], [], []
+        self.metrics, self.total_steps = metrics, total_steps  # the run's metrics rows: the curves
         self.live = plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
-        if self.live:
-            plt.ion()
-        self.fig, self.ax = plt.subplots(figsize=(6, 6), num='t-SNE of the last layer')
-        rainbow = colormaps['rainbow']
-        self.boxes, self.digits = [], []
-        for digit in range(10):  # one box and one glyph artist per class: the tutorial's look, 20 calls a frame
-            self.boxes.append(self.ax.scatter([], [], s=110, marker='s', color=rainbow(digit / 9)))
-            self.digits.append(self.ax.scatter([], [], s=40, marker=f'${digit}$', color='black', linewidths=0.3))
-        self.ax.set_xticks([])
-        self.ax.set_yticks([])
-        if self.live:
+        self.window = None
+        if self.live:  # not plt.ion(): it would redraw the whole figure at every change, where blitting is enough
+            self.window = FilmFigure(plt.figure(figsize=FILM_INCHES, num='What the last layer learns'), labels,
+                                     total_steps)
             plt.show(block=False)
-        self.writer = PillowWriter(fps=4)
-        self.writer.setup(self.fig, temporary_name(os.path.join(out_dir, 'tsne.gif')), dpi=64)
         if history and history['embeddings'].shape[1] != len(labels):
             history = {}  # --tsne-points changed on resume: the film starts afresh
-        for embedding, step, title in zip(history.get('embeddings', []), history.get('steps', []),
-                                          history.get('titles', [])):  # the frames before a resume
-            self._draw(embedding.numpy(), int(step), title)
+        self.embeddings = [e.numpy() for e in history.get('embeddings', [])]
+        self.steps = [int(s) for s in history.get('steps', [])]
+        self.titles = list(history.get('titles', []))
+        self.predictions = [p.numpy() for p in history.get('predictions', [])] or [labels] * len(self.steps)
         self.previous = self.embeddings[-1] if self.embeddings else None  # the worker's alone from here on
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='tsne')
-        self.pending = collections.deque()  # (future, step, title) of the frames not drawn yet, in order
+        self.worker.submit(importlib.import_module, 'sklearn.manifold')  # its 1.3 s import, beside the first steps
+        self.pending = collections.deque()  # (future, step, predictions, title) of frames not shown yet, in order
 
     def _embed(self, features, last):
         from sklearn.manifold import TSNE
@@ -474,66 +472,182 @@ class TsneFilm:
         self.previous = tsne.fit_transform(features).astype('float32')
         return self.previous
 
-    def add_frame(self, features, step, title, last=False):
+    def add_frame(self, features, predictions, step, title, last=False):
         future = self.worker.submit(self._embed, features.float().cpu().numpy(), last)
-        self.pending.append((future, step, title))
-        self.draw_ready(wait=not self.background)
+        self.pending.append((future, step, predictions.cpu().numpy(), title))
+        self.show_ready(wait=not self.background)
 
-    def draw_ready(self, wait=False):
-        """Draws the frames embedded so far, in order; with `wait`, every frame submitted."""
+    def show_ready(self, wait=False):
+        """Takes in the frames embedded so far, in order, and shows the newest; with `wait`, every frame."""
         while self.pending and (wait or self.pending[0][0].done()):
-            future, step, title = self.pending.popleft()
+            future, step, predictions, title = self.pending.popleft()
             try:
                 embedding = future.result()
             except Exception as e:  # the worker's failure, carried by its future
                 raise RunError(f't-SNE failed: {e}; run with --no-tsne to train without it') from None
-            self._draw(embedding, step, title)
+            self.embeddings.append(embedding)
+            self.steps.append(step)
+            self.predictions.append(predictions)
+            self.titles.append(title)
+            if self.window is not None:
+                self.window.draw(*self.frame(len(self.steps) - 1))
+                self.window.fig.canvas.blit(self.window.fig.bbox)
+                self.window.fig.canvas.flush_events()
 
-    def _draw(self, embedding, step, title):
-        for digit in range(10):
-            points = embedding[self.labels == digit]
-            self.boxes[digit].set_offsets(points)
-            self.digits[digit].set_offsets(points)
-        pad = 0.03 * (embedding.max(0) - embedding.min(0))
-        self.ax.set_xlim(embedding[:, 0].min() - pad[0], embedding[:, 0].max() + pad[0])
-        self.ax.set_ylim(embedding[:, 1].min() - pad[1], embedding[:, 1].max() + pad[1])
-        self.ax.set_title(title)
-        self.writer.grab_frame()
-        if self.live:
-            self.fig.canvas.draw_idle()
-            self.fig.canvas.flush_events()
-        self.embeddings.append(embedding)
-        self.steps.append(step)
-        self.titles.append(title)
+    def frame(self, index, towards=None, share=0.0):
+        """What frame `index` shows; with `towards`, a frame `share` of the way to that one's layout."""
+        embedding, limits = self.embeddings[index], layout_limits(self.embeddings[index])
+        if towards is not None:
+            embedding = (1 - share) * embedding + share * self.embeddings[towards]
+            limits = (1 - share) * limits + share * layout_limits(self.embeddings[towards])
+        curves = [row for row in self.metrics if row['step'] <= self.steps[index]]
+        return embedding, limits, self.predictions[index], self.titles[index], curves
 
     def state(self):
         """Every frame submitted so far, for the checkpoint."""
-        self.draw_ready(wait=True)
+        self.show_ready(wait=True)
         if not self.embeddings:
             return {}
         return {'embeddings': torch.from_numpy(np.stack(self.embeddings)), 'steps': torch.tensor(self.steps),
-                'titles': list(self.titles)}
+                'predictions': torch.from_numpy(np.stack(self.predictions)), 'titles': list(self.titles)}
 
     def stop(self):
         self.worker.shutdown(cancel_futures=True)
 
     def close(self):
         """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's figures."""
-        self.draw_ready(wait=True)
+        self.show_ready(wait=True)
         self.stop()
-        if not self.embeddings:  # the writer creates its file only when it finishes
+        if not self.embeddings:
             return {}
-        with atomic_path(os.path.join(self.out_dir, 'tsne.gif')):  # the writer wrote to its temporary name
-            self.writer.finish()
-        save_figure(self.fig, os.path.join(self.out_dir, 'tsne.png'))
-        import matplotlib.pyplot as plt
-        plt.close(self.fig)
+        self.write_gif(os.path.join(self.out_dir, 'tsne.gif'))
         frames = np.stack(self.embeddings)
         buffer = io.BytesIO()
-        np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps))
+        np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps),
+                 predictions=np.stack(self.predictions))
         write_atomic(os.path.join(self.out_dir, 'tsne.npz'), buffer.getvalue())
         return {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames),
                 'tsne_neighbour_agreement': neighbour_agreement(frames[-1], self.labels)}
+
+    def write_gif(self, path):
+        """The GIF: each embedded frame held, GLIDE_FRAMES interpolated ones between, the last held longest;
+        and tsne.png, the last frame at a higher resolution. Pillow writes the GIF rather than
+        matplotlib.animation.PillowWriter: it takes a duration per frame, and palette frames (a quarter of
+        the memory of the writer's RGBA frames, which for one epoch come to about 180 MB)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from PIL import Image
+        figure = FilmFigure(Figure(figsize=FILM_INCHES, dpi=FILM_DPI), self.labels, self.total_steps)
+        FigureCanvasAgg(figure.fig)
+        shown = [int(i) for i in np.unique(np.linspace(0, len(self.steps) - 1, GIF_MOST_FRAMES).round())]
+        plan = []  # (the frame's arguments, its duration)
+        for previous, index in zip([None, *shown], shown):
+            if previous is not None:
+                plan += [((previous, index, n / (GLIDE_FRAMES + 1)), GLIDE_MS) for n in range(1, GLIDE_FRAMES + 1)]
+            plan.append(((index,), HOLD_MS))
+        images, durations, palette = [], [], None
+        for frame, duration in plan:
+            figure.draw(*self.frame(*frame))
+            image = Image.fromarray(np.asarray(figure.fig.canvas.buffer_rgba())[..., :3])
+            palette = palette or image.quantize(GIF_COLOURS)  # one palette, from the first frame, for all
+            images.append(image.quantize(palette=palette, dither=Image.Dither.NONE))
+            durations.append(duration)
+        durations[-1] = LAST_HOLD_MS
+        with atomic_path(path) as tmp:
+            images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:], duration=durations, loop=0)
+        figure.still(os.path.join(self.out_dir, 'tsne.png'), PNG_DPI)
+
+    def keep_window_open(self, log):
+        """As the tutorial's plt.ioff(); plt.show(): the window stays on the last frame until it is closed."""
+        import matplotlib.pyplot as plt
+        log('the t-SNE window stays open on the last frame: close it to exit')
+        plt.show(block=True)
+        with contextlib.suppress(Exception):  # a window destroyed from outside leaves nothing to close
+            plt.close('all')
+
+
+FILM_INCHES, FILM_DPI, PNG_DPI = (9.6, 4.8), 100, 200  # GIF frames of 960x480, tsne.png 1920x960
+GLIDE_FRAMES, GLIDE_MS, HOLD_MS, LAST_HOLD_MS = 2, 80, 320, 3000
+GIF_MOST_FRAMES, GIF_COLOURS = 96, 64  # longer films show an even selection of their frames
+
+
+def layout_limits(embedding, pad=0.04):
+    """The box a frame is shown in: the points' extent and a margin, as [[x0, x1], [y0, y1]]."""
+    low, high = embedding.min(0), embedding.max(0)
+    margin = pad * (high - low)
+    return np.stack([low - margin, high + margin], axis=1)
+
+
+class FilmFigure:
+    """One frame of the film on a matplotlib figure. Left, the t-SNE: each point its digit on a box in its
+    class's colour (the tutorial's look), a misclassified one ringed in the colour of the class predicted.
+    Right, the training loss and the eval accuracy up to the frame's step. The moving artists are
+    blitted over a background drawn once: about a quarter of the time of drawing the whole figure."""
+
+    def __init__(self, fig, labels, total_steps):
+        from matplotlib import colormaps
+        self.fig, self.labels = fig, labels
+        self.colours = colormaps['rainbow'](np.linspace(0, 1, 10))
+        self.ax = fig.add_axes((0.01, 0.02, 0.48, 0.84), xticks=[], yticks=[])
+        self.loss_ax = fig.add_axes((0.58, 0.54, 0.39, 0.28), xlim=(0, total_steps), yscale='log', ylim=(0.01, 3),
+                                    title='training loss')
+        self.acc_ax = fig.add_axes((0.58, 0.1, 0.39, 0.28), xlim=(0, total_steps), ylim=(0.8, 1),
+                                   title='eval accuracy', xlabel='step')
+        scatter = functools.partial(self.ax.scatter, [], [], animated=True)
+        self.boxes = [scatter(s=72, marker='s', color=self.colours[d], linewidths=0) for d in range(10)]
+        self.digits = [scatter(s=34, marker=f'${d}$', color='black', linewidths=0.2) for d in range(10)]
+        self.rings = scatter(s=190, marker='o', facecolors='none', linewidths=1.8)
+        self.loss_line = self.loss_ax.plot([], [], color='tab:blue', animated=True)[0]
+        self.acc_line = self.acc_ax.plot([], [], color='tab:green', animated=True)[0]
+        self.title = fig.text(0.5, 0.94, '', ha='center', va='center', fontsize=10.5, linespacing=1.5,
+                              animated=True)
+        self.moving = [*self.boxes, *self.digits, self.rings, self.loss_line, self.acc_line, self.title]
+        self.background = None
+        self.draw_hook = fig.canvas.mpl_connect('draw_event', self.keep_background)
+
+    def keep_background(self, event=None):
+        """After every full draw (the first, a resized window): the background to blit over."""
+        self.background = self.fig.canvas.copy_from_bbox(self.fig.bbox)
+        for artist in self.moving:
+            self.fig.draw_artist(artist)
+
+    def draw(self, embedding, limits, predictions, title, curves):
+        for digit in range(10):
+            points = embedding[self.labels == digit]
+            self.boxes[digit].set_offsets(points)
+            self.digits[digit].set_offsets(points)
+        wrong = predictions != self.labels
+        self.rings.set_offsets(embedding[wrong])
+        self.rings.set_edgecolors(self.colours[predictions[wrong]])
+        self.ax.set(xlim=limits[0], ylim=limits[1])
+        self.title.set_text(f'{title}\n{wrong.sum()} of the {len(wrong)} shown are misclassified'
+                            + (', ringed in the colour of the class predicted' if wrong.any() else ''))
+        steps = [row['step'] for row in curves]
+        losses, accuracies = [row['train_loss'] for row in curves], [row['eval_accuracy'] for row in curves]
+        self.loss_line.set_data(steps, losses)
+        self.acc_line.set_data(steps, accuracies)
+        full_redraw = self.background is None
+        if losses:  # widen the curves' scales when the values leave them (rare: each costs a full draw)
+            low, high = self.loss_ax.get_ylim()
+            if min(losses) < low or max(losses) > high:
+                self.loss_ax.set_ylim(min(low, min(losses) / 2), max(high, max(losses) * 2))
+                full_redraw = True
+            if min(accuracies) < self.acc_ax.get_ylim()[0]:
+                self.acc_ax.set_ylim(math.floor(min(accuracies) * 10) / 10, 1)
+                full_redraw = True
+        if full_redraw:
+            self.fig.canvas.draw()  # its draw_event keeps the new background and draws the frame on it
+        else:
+            self.fig.canvas.restore_region(self.background)
+            for artist in self.moving:
+                self.fig.draw_artist(artist)
+
+    def still(self, path, dpi):
+        """The current frame as a PNG: a normal draw, which leaves out animated artists, so they join it."""
+        self.fig.canvas.mpl_disconnect(self.draw_hook)
+        for artist in self.moving:
+            artist.set_animated(False)
+        save_figure(self.fig, path, dpi)
 
 
 def frame_jump(frames):
@@ -556,9 +670,9 @@ def neighbour_agreement(embedding, labels, k=10):
 # Pictures: curves, confusion matrix and samples, drawn without pyplot
 
 
-def save_figure(fig, path):
+def save_figure(fig, path, dpi=100):
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format='png', dpi=100)
+        fig.savefig(tmp, format='png', dpi=dpi)
 
 
 def draw_pictures(out_dir, metrics, confusion, sample_images, sample_labels):
@@ -625,11 +739,11 @@ class RunError(Exception):
 
 class Stopped(Exception):
     """SIGINT or SIGTERM arrived: exit code 128 + signal. `stage` is where: starting, training (the loop has
-    written a checkpoint) or outputs."""
+    written a checkpoint), outputs, or done (the last frame was on show: nothing is lost, exit code 0)."""
 
     def __init__(self, signum, stage):
         super().__init__(signal.Signals(signum).name)
-        self.exit_code, self.stage = 128 + signum, stage
+        self.exit_code, self.stage = 0 if stage == 'done' else 128 + signum, stage
 
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -1182,7 +1296,8 @@ def check_checkpoint_fields(checkpoint):
     with field_named('tsne'):
         film = checkpoint.get('tsne') or {}
         if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
-                         and len(film['steps']) == len(film['titles']) == len(film['embeddings'])):
+                         and len(film['steps']) == len(film['titles']) == len(film['embeddings'])
+                         and film.get('predictions', film['embeddings'][..., 0]).shape == film['embeddings'].shape[:2]):
             raise BadField('tsne does not hold frames of the film')
 
 
@@ -1309,7 +1424,7 @@ def resume_command(out_dir, world):
 @dataclasses.dataclass
 class Status:
     """Where this process stands, so that a signal or an error ends in one honest line."""
-    stage: str = 'starting'  # starting, training, outputs, stopping
+    stage: str = 'starting'  # starting, training, outputs, done, stopping
     out_dir: str = ''
     signals: list = dataclasses.field(default_factory=list)  # SIGINT/SIGTERM collected while training
 
@@ -1339,8 +1454,8 @@ def signals_handled(status):
 
 def stop_message(status, stopped, world):
     """The one line a signal ends the run with."""
-    if stopped.stage == 'training':
-        return None  # the loop has said where it stopped and how to resume
+    if stopped.stage in ('training', 'done'):
+        return None  # the loop has said where it stopped and how to resume; or all was done
     if stopped.stage == 'outputs':
         return (f'interrupted while writing the final outputs; training is done and saved in {status.out_dir}. '
                 f'Write them with: {resume_command(status.out_dir, world)}')
@@ -1383,6 +1498,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             if world.is_main:
                 run.write_outputs(test, wall_started)
             status.stage = 'done'
+            if run.film is not None and run.film.live and sys.stdin is not None and sys.stdin.isatty():
+                run.film.keep_window_open(log)  # interactive runs only: CI, pipes and nohup exit at once
         finally:
             if run.film is not None:
                 run.film.stop()

@@ -298,6 +298,8 @@ def set_config(name, value):
     (lambda c: c.update(optimizer={}), 'optimizer'),
     (lambda c: c['optimizer']['state'][0].update(exp_avg=torch.zeros(3)), 'optimizer state does not fit'),
     (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 3), 'steps': [1, 2], 'titles': ['a', 'b']}), 'tsne'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1, 2], 'titles': ['a', 'b'],
+                              'predictions': torch.zeros(2, 4, dtype=torch.int64)}), 'tsne'),
 ])
 def test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
     checkpoint = torch.load(io.BytesIO(good_checkpoint), weights_only=True)

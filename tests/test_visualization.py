@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageSequence
 
 import train_mnist_cnn as tm
 from conftest import ROOT
@@ -20,26 +20,35 @@ def film_run(tmp_path, data_dir, monkeypatch):
     features = []
     real_add_frame = tm.TsneFilm.add_frame
 
-    def add_frame(self, batch, step, title, last=False):
+    def add_frame(self, batch, predictions, step, title, last=False):
         features.append(batch.numpy().copy())
-        real_add_frame(self, batch, step, title, last)
+        real_add_frame(self, batch, predictions, step, title, last)
     monkeypatch.setattr(tm.TsneFilm, 'add_frame', add_frame)
     run = tmp_path / 'run'
     assert tm.main([*TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     return run, features
 
 
-def test_film_has_a_frame_per_log_step_and_documented_files(film_run):
+def gif_durations(path):
+    with Image.open(path) as gif:
+        return [frame.info['duration'] for frame in ImageSequence.Iterator(gif)], gif.size
+
+
+def test_film_has_an_embedded_frame_per_log_step_gliding_between_them(film_run):
     run, features = film_run
-    with Image.open(run / 'tsne.gif') as gif:
-        assert gif.n_frames == 6
+    durations, size = gif_durations(run / 'tsne.gif')
+    glides = [tm.GLIDE_MS] * tm.GLIDE_FRAMES
+    assert durations == [tm.HOLD_MS, *(glides + [tm.HOLD_MS]) * 4, *glides, tm.LAST_HOLD_MS]  # 6 held, glides between
+    assert 900 <= size[0] <= 1000  # both panels read at their natural size in the README
     film = np.load(run / 'tsne.npz')
-    assert film['embeddings'].shape == (6, 150, 2)
+    assert film['embeddings'].shape == (6, 150, 2) and film['predictions'].shape == (6, 150)
     assert film['labels'].shape == (150,) and film['steps'].tolist() == [4, 8, 12, 16, 20, 24]
     assert len(features) == 6
     for name in ('tsne.png', 'curves.png', 'confusion.png', 'samples.png'):
         with Image.open(run / name) as picture:
             assert picture.format == 'PNG' and min(picture.size) > 200
+    with Image.open(run / 'tsne.png') as picture:
+        assert picture.size[0] >= 2 * size[0]
     summary = json.loads((run / 'summary.json').read_text())
     assert summary['tsne_frames'] == 6 and 0 <= summary['tsne_jump'] < 1
     assert not [p for p in os.listdir(run) if p.startswith('.tmp')]
@@ -99,8 +108,8 @@ def test_film_runs_without_a_display(tmp_path, data_dir, fixture_checksums):
     out = run_child(code, tmp_path, fixture_checksums, {'MPLBACKEND': None, 'DISPLAY': None, 'WAYLAND_DISPLAY': None})
     assert out.returncode == 0, out.stderr
     assert 'Traceback' not in out.stderr
-    with Image.open(tmp_path / 'run' / 'tsne.gif') as gif:
-        assert gif.n_frames == 2
+    durations, _ = gif_durations(tmp_path / 'run' / 'tsne.gif')
+    assert len(durations) == 2 + tm.GLIDE_FRAMES
 
 
 def test_film_survives_a_resume(tmp_path, data_dir):
@@ -108,6 +117,87 @@ def test_film_survives_a_resume(tmp_path, data_dir):
     assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     assert tm.main(['--resume', str(run), '--epochs', '2']) == 0
     film = np.load(run / 'tsne.npz')
+    assert film['steps'].tolist() == [4, 8, 12, 16, 20, 24] and film['predictions'].shape == (6, 150)
+    durations, _ = gif_durations(run / 'tsne.gif')
+    assert len(durations) == 6 + 5 * tm.GLIDE_FRAMES
+
+
+def film_figure(labels, total_steps=100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    figure = tm.FilmFigure(Figure(figsize=tm.FILM_INCHES, dpi=tm.FILM_DPI), labels, total_steps)
+    FigureCanvasAgg(figure.fig)
+    return figure
+
+
+def test_a_frame_rings_the_misclassified_in_the_predicted_colour_and_counts_them():
+    labels = np.arange(60) % 10
+    predictions = labels.copy()
+    predictions[[3, 17, 42]] = [5, 0, 9]
+    embedding = np.random.default_rng(0).normal(size=(60, 2)).astype('float32')
+    curves = [{'step': s, 'train_loss': 1 / s, 'eval_accuracy': 0.9} for s in (10, 20, 30)]
+    figure = film_figure(labels)
+    figure.draw(embedding, tm.layout_limits(embedding), predictions, 'Last layer, step 30', curves)
+    assert figure.title.get_text() == ('Last layer, step 30\n3 of the 60 shown are misclassified, ringed in the '
+                                       'colour of the class predicted')
+    assert np.array_equal(figure.rings.get_offsets(), embedding[[3, 17, 42]])
+    assert np.array_equal(figure.rings.get_edgecolors(), figure.colours[[5, 0, 9]])
+    assert list(figure.loss_line.get_xdata()) == [10, 20, 30] and list(figure.acc_line.get_ydata()) == [0.9] * 3
+    pixels = np.asarray(figure.fig.canvas.buffer_rgba())
+    assert pixels.shape[:2] == (480, 960) and len(np.unique(pixels.reshape(-1, 4), axis=0)) > 20
+    figure.draw(embedding, tm.layout_limits(embedding), labels, 'Last layer, step 40', curves)
+    assert figure.title.get_text().endswith('0 of the 60 shown are misclassified') and not len(figure.rings.get_offsets())
+
+
+def test_glide_frames_are_interpolated_layouts(tmp_path):
+    labels = np.arange(60) % 10
+    metrics = [{'step': 10, 'train_loss': 1.0, 'eval_accuracy': 0.9}]
+    film = tm.TsneFilm(labels, 1, str(tmp_path), {}, metrics, 100, background=False)
+    rng = np.random.default_rng(0)
+    film.embeddings = [rng.normal(size=(60, 2)).astype('float32') for _ in range(2)]
+    film.steps, film.predictions, film.titles = [10, 20], [labels, labels], ['a', 'b']
+    embedding, limits, _, title, curves = film.frame(0, towards=1, share=0.25)
+    assert np.allclose(embedding, 0.75 * film.embeddings[0] + 0.25 * film.embeddings[1])
+    assert np.allclose(limits, 0.75 * tm.layout_limits(film.embeddings[0]) + 0.25 * tm.layout_limits(film.embeddings[1]))
+    assert title == 'a' and curves == metrics
+    film.stop()
+
+
+@pytest.mark.parametrize('interactive', [True, False])
+def test_the_last_frame_stays_up_in_an_interactive_run_only(tmp_path, data_dir, monkeypatch, capsys, interactive):
+    kept_open = []
+    real_init = tm.TsneFilm.__init__
+
+    def init_as_if_a_window_were_shown(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.live = True
+    monkeypatch.setattr(tm.TsneFilm, '__init__', init_as_if_a_window_were_shown)
+    monkeypatch.setattr(tm.TsneFilm, 'keep_window_open',
+                        lambda self, log: kept_open.append((tmp_path / 'run' / 'summary.json').exists()))
+    monkeypatch.setattr(sys, 'stdin', type('Terminal', (), {'isatty': lambda self: interactive})())
+    assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
+    assert kept_open == ([True] if interactive else [])
+
+
+def test_keeping_the_window_open_says_so_and_blocks_until_it_is_closed(monkeypatch):
+    import matplotlib.pyplot as plt
+    calls, lines = [], []
+    monkeypatch.setattr(plt, 'show', lambda block=None: calls.append(f'show(block={block})'))
+    monkeypatch.setattr(plt, 'close', lambda which: calls.append(f'close({which})'))
+    tm.TsneFilm.keep_window_open(None, lines.append)
+    assert lines == ['the t-SNE window stays open on the last frame: close it to exit']
+    assert calls == ['show(block=True)', 'close(all)']
+
+
+def test_a_film_saved_before_mistakes_were_recorded_resumes(tmp_path, data_dir):
+    """Checkpoints of the earlier film hold no predictions: their frames are drawn without rings."""
+    import torch
+    run = tmp_path / 'run'
+    assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    checkpoint = torch.load(run / 'model.pt', weights_only=True)
+    del checkpoint['tsne']['predictions']
+    torch.save(checkpoint, run / 'model.pt')
+    assert tm.main(['--resume', str(run), '--epochs', '2']) == 0
+    film = np.load(run / 'tsne.npz')
     assert film['steps'].tolist() == [4, 8, 12, 16, 20, 24]
-    with Image.open(run / 'tsne.gif') as gif:
-        assert gif.n_frames == 6
+    assert np.array_equal(film['predictions'][0], film['labels'])
