@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import math
 import os
@@ -73,10 +74,10 @@ import torch.nn.functional as F
 # Configuration: each option declared once, with its default, its check and its help
 
 
-def option(default, help, check=None, *, flag=None, metavar='N', shown=None):
+def option(default, help, check=None, *, flag=None, metavar='N', shown=None, nargs=None):
     """A Config field; the command line is built from these (see build_parser)."""
     return dataclasses.field(default=default, metadata={'help': help, 'check': check, 'flag': flag,
-                                                        'metavar': metavar, 'shown': shown})
+                                                        'metavar': metavar, 'shown': shown, 'nargs': nargs})
 
 
 def whole_number(low, high):
@@ -149,9 +150,14 @@ class Config:
                              shown='at the end of each epoch only')
     resume: str = option('', 'continue from a checkpoint file or a run folder holding model.pt', path_name,
                          metavar='PATH', shown='')
+    predict: tuple = option((), 'read these digit images (files, or folders of them) with a trained model, as MNIST '
+                            'was made, instead of training', path_name, metavar='IMAGE', shown='', nargs='+')
+    model: str = option('', 'the checkpoint or run folder --predict reads with', path_name, metavar='PATH',
+                        shown='the newest runs/*/model.pt')
 
 
 KEPT_ON_RESUME = ('batch_size', 'lr', 'seed')  # they define the run: a resumed run may not change them
+FOR_PREDICT = ('predict', 'model', 'device', 'threads', 'data_dir', 'out_dir')  # the rest are training's
 
 # -----------------------------------------------------------------------------
 # The network: the tutorial's CNN, returning the logits and the 1568-d features behind them
@@ -725,6 +731,232 @@ def draw_samples(fig, images, labels, cols=8):
     return fig
 
 
+# -----------------------------------------------------------------------------
+# Your own handwriting: --predict reads digit images the way MNIST was made
+
+
+def mnist_like(image):
+    """A digit image (a PIL image) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black,
+    the ink's box scaled so its longer side is 20 pixels (aspect kept, antialiased), and placed in 28x28 with its
+    centre of mass at the centre. Returns 28x28 uint8 grey levels, as the IDX files hold them."""
+    from PIL import Image
+    grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 127:  # light paper: the ink becomes light on dark, as in MNIST
+        grey, border = 255 - grey, 255 - border
+    paper, ink = np.median(border), grey.max()
+    if ink - paper < MIN_INK_CONTRAST:
+        raise ValueError('no ink: the image is blank')
+    level = np.clip((grey - paper) / (ink - paper), 0, 1)
+    level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
+    digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
+    digit = digit.crop(digit.getbbox())
+    scale = 20 / max(digit.size)
+    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
+                         Image.Resampling.LANCZOS)
+    weights = np.asarray(digit, dtype=np.float64)
+    rows, cols = np.indices(weights.shape) + 0.5  # pixel centres
+    centre_row, centre_col = (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
+    placed = Image.new('L', (28, 28))
+    placed.paste(digit, (round(14 - centre_col), round(14 - centre_row)))
+    return np.asarray(placed)
+
+
+def on_white(image):
+    """The image the way up it was taken (a phone's EXIF orientation), transparency composited onto white: a digit
+    drawn on a web canvas is dark strokes on transparent pixels."""
+    from PIL import Image, ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
+    return image.convert('RGB')
+
+
+MIN_INK_CONTRAST = 40  # grey levels between the paper and the darkest ink below which an image is blank
+PAPER_NOISE = 0.2      # the share of the ink's contrast below which a pixel is paper
+PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat however many there are
+PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
+
+
+def images_to_read(paths):
+    """(path, None) for each image to read, or (path, why) for what cannot be: files as given, folders' images
+    in name order."""
+    from PIL import Image
+    extensions = {extension for extension in Image.registered_extensions()}
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(name for name in os.listdir(path) if os.path.splitext(name)[1].lower() in extensions)
+            yield from ((os.path.join(path, name), None) for name in names)
+            if not names:
+                yield path, 'a folder with no images in it'
+        elif os.path.exists(path):
+            yield path, None
+        else:
+            yield path, 'no such file'
+
+
+def read_image(path):
+    """The image at `path` as the network should see it, and a small copy of it as given (for the picture)."""
+    import warnings
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                seen = mnist_like(image)
+                given = on_white(image)
+                given.thumbnail((96, 96))
+                return seen, np.asarray(given)
+    except UnidentifiedImageError:
+        raise ValueError('not an image Pillow can open') from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
+    except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
+        raise ValueError(f'cannot be read ({e})') from None
+
+
+def find_model(path):
+    """The checkpoint --predict reads with: --model's, else the newest runs/*/model.pt."""
+    if path:
+        return os.path.join(path, 'model.pt') if os.path.isdir(path) else path
+    found = sorted(glob.glob(os.path.join('runs', '*', 'model.pt')), key=os.path.getmtime)
+    if not found:
+        raise RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
+                       'or name one with --model')
+    return found[-1]
+
+
+def predict_and_report(config, log):
+    """--predict: every image read as MNIST was made, predicted by the model, and reported; 1 if any failed."""
+    device = resolve_device(config.device, World())
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_file = find_model(config.model)
+    checkpoint = load_checkpoint(model_file, '--model')
+    model = CNN()
+    model.load_state_dict(checkpoint['model'])
+    model = to_device(model, device).eval()
+    run_dir = os.path.dirname(model_file) or '.'
+    trained = 'no summary.json: its run did not finish'
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
+    log(f'model: {model_file} ({trained})')
+    with claimed_folder(config, holds_a_run_ok=True) as out_dir:
+        started, counts, shown = time.perf_counter(), collections.Counter(), []
+        with atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
+            rows = csv.writer(table)
+            rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
+            entries = images_to_read(config.predict)
+            for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
+                read = []
+                for path, why in batch:
+                    try:
+                        if why:
+                            raise ValueError(why)
+                        read.append((path, *read_image(path)))
+                    except ValueError as e:
+                        print(f'{path}: {e}', file=sys.stderr, flush=True)
+                        counts['failed'] += 1
+                if not read:
+                    continue
+                images = torch.from_numpy(np.stack([seen for _, seen, _ in read])).unsqueeze(1).to(device)
+                with torch.inference_mode():
+                    logits, features = model(to_unit_range(images))
+                probabilities = logits.float().softmax(1).cpu().numpy()
+                for (path, seen, given), p, feature in zip(read, probabilities, features.cpu()):
+                    top = p.argsort()[::-1][:3]
+                    log(f'{path}: ' + ' | '.join(f'{d} ({p[d]:.1%})' for d in top))
+                    rows.writerow([path, top[0], *(f'{x:.6f}' for x in p)])
+                    shown.append((p[top[0]], counts['read'], path, seen, given, p, feature))
+                    counts['read'] += 1
+                shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
+        seconds = time.perf_counter() - started
+        log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
+            f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
+        if shown:
+            film = film_for_predictions(run_dir, config.data_dir, model, device, log)
+            picture = os.path.join(out_dir, 'predictions.png')
+            save_figure(draw_predictions(shown, counts['read'], film), picture)
+            show_if_interactive(picture)
+    return EXIT_RUNTIME if counts['failed'] else 0
+
+
+def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
+    """The run's last t-SNE frame and, for placing new images on it, the features of the test images it shows;
+    None, with a one-line note, where the run or --data-dir lacks what that needs."""
+    path = os.path.join(run_dir, 'tsne.npz')
+    if not os.path.isfile(path):
+        log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
+        return None
+    files, problems = read_mnist(raw_folder(data_dir), lambda message: None)
+    if problems:
+        log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
+        return None
+    with np.load(path) as film:
+        embedding, labels = film['embeddings'][-1], film['labels']
+    test_images = idx_tensor(files['t10k-images-idx3-ubyte'])[:len(labels)].unsqueeze(1).to(device)
+    with torch.inference_mode():
+        _, features = model(to_unit_range(test_images))
+    return {'embedding': embedding, 'labels': labels, 'features': features.cpu(), 'neighbours': neighbours}
+
+
+def draw_predictions(shown, total, film):
+    """predictions.png: each shown image as given, the 28x28 the network saw and its three likeliest digits;
+    beside them, where the run has its film, the last t-SNE frame with each image placed at the mean position of
+    its nearest test images in the 1568-d feature space."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(3.2 * cols + (6.4 if film else 0), 1.9 * rows + 0.8), layout='constrained')
+    cells, panel = (fig.subfigures(1, 2, width_ratios=[3.2 * cols, 6.4]) if film else (fig, None))
+    axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()
+    for number, ((confidence, _, path, seen, given, p, _), ax) in enumerate(zip(shown, axes), 1):
+        canvas = np.full((96, 200, 3), 255, dtype=np.uint8)
+        canvas[:given.shape[0], :given.shape[1]] = given
+        canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
+        ax.imshow(canvas)
+        top = p.argsort()[::-1][:3]
+        ax.set_title(f'#{number} {os.path.basename(path)[:22]}', fontsize=8)
+        ax.set_xlabel('  '.join(f'{d}: {p[d]:.1%}' for d in top), fontsize=8)
+        ax.set(xticks=[], yticks=[])
+    for ax in axes[len(shown):]:
+        ax.axis('off')
+    cells.suptitle(f'{total} image{"s" * (total != 1)} predicted; the {len(shown)} least confident shown '
+                   '(as given, and the 28x28 the network saw)', fontsize=9)
+    if film:
+        ax = panel.subplots()
+        colours = colormaps['rainbow'](np.linspace(0, 1, 10))
+        embedding = film['embedding']
+        ax.scatter(*embedding.T, s=30, marker='s', c=colours[film['labels']], linewidths=0, alpha=0.6)
+        for digit in range(10):  # each cluster named by its digit, at the middle of its points
+            ax.text(*np.median(embedding[film['labels'] == digit], axis=0), str(digit), fontsize=16, weight='bold',
+                    color=colours[digit] * [0.6, 0.6, 0.6, 1], ha='center', va='center')
+        features = torch.stack([entry[6] for entry in shown])
+        nearest = torch.cdist(features, film['features']).topk(film['neighbours'], largest=False).indices
+        for number, position in enumerate(embedding[nearest.numpy()].mean(1), 1):
+            ax.scatter(*position, s=260, marker='*', color='black', edgecolors='white', linewidths=0.8)
+            ax.annotate(f'#{number}', position, xytext=(5, 5), textcoords='offset points', fontsize=9, weight='bold')
+        ax.set(xticks=[], yticks=[], title="where each lands on the run's last t-SNE frame")
+    return fig
+
+
+def show_if_interactive(picture):
+    """The picture in a window, where there is a display and someone at the terminal to close it."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        return
+    import matplotlib.pyplot as plt
+    from matplotlib.backends import BackendFilter, backend_registry
+    from PIL import Image
+    if plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE):
+        with Image.open(picture) as image:
+            plt.figure(num='predictions', figsize=(image.width / 100, image.height / 100), dpi=100)
+            plt.figimage(np.asarray(image))
+        plt.show(block=True)
+
+
 # =============================================================================
 # The machinery below: errors, flags, data, files and checkpoints, processes and signals
 
@@ -779,7 +1011,7 @@ def build_parser():
             parser.add_argument(meta['flag'], dest=field.name, action='store_false', help=option_help(field))
         else:
             parser.add_argument('--' + field.name.replace('_', '-'), type=meta['check'], metavar=meta['metavar'],
-                                help=option_help(field))
+                                nargs=meta['nargs'], help=option_help(field))
     return parser
 
 
@@ -805,6 +1037,14 @@ def saved_setting(field, value):
 
 def make_config(flags, resumed=None):
     """Defaults, then the resumed run's settings, then the flags given now; then the checks that need several."""
+    if 'predict' in flags:
+        for field in dataclasses.fields(Config):
+            if field.name in flags and field.name not in FOR_PREDICT:
+                flag = field.metadata['flag'] or '--' + field.name.replace('_', '-')
+                raise UsageError(f'{flag} is a training flag; it does not go with --predict')
+        return dataclasses.replace(Config(), **{**flags, 'predict': tuple(flags['predict'])})
+    if 'model' in flags:
+        raise UsageError('--model goes with --predict: it names the model that reads the images')
     values = dataclasses.asdict(Config())
     if resumed is not None:
         saved = resumed['config']
@@ -812,7 +1052,7 @@ def make_config(flags, resumed=None):
             if name in flags and flags[name] != saved[name]:
                 raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
                                  f'{saved[name]}; a resumed run keeps it')
-        values.update({k: v for k, v in saved.items() if k not in ('resume', 'out_dir')})
+        values.update({k: v for k, v in saved.items() if k not in ('resume', 'out_dir', 'predict', 'model')})
         folder = (os.path.dirname(flags['resume']) or '.') if os.path.isfile(flags['resume']) else flags['resume']
         if 'out_dir' in flags and os.path.realpath(flags['out_dir']) != os.path.realpath(folder):
             raise UsageError(f'--out-dir {flags["out_dir"]}: a resumed run goes on in its own folder, {folder}; '
@@ -1167,7 +1407,7 @@ def lock_file(path):
 
 
 @contextlib.contextmanager
-def claimed_folder(config):
+def claimed_folder(config, holds_a_run_ok=False):
     """The run's folder, locked to this process for the run's life: --out-dir, the resumed run's folder, or a
     new runs/<stamp>. Folders this run created and left without a file are removed again."""
     folder = config.out_dir
@@ -1187,7 +1427,7 @@ def claimed_folder(config):
     except OSError as e:
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
     try:
-        if not config.resume and os.path.exists(os.path.join(folder, 'model.pt')):
+        if not (config.resume or holds_a_run_ok) and os.path.exists(os.path.join(folder, 'model.pt')):
             raise UsageError(f'{folder} already holds a run (model.pt): continue it with --resume {folder} '
                              'or choose another --out-dir')
         yield folder
@@ -1205,26 +1445,26 @@ def claimed_folder(config):
 CHECKPOINT_KEYS = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag='--resume'):
     """The checkpoint at PATH (a file, or a run folder holding model.pt), every field checked."""
     file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise RunError(f'--resume {path}: no checkpoint at {file}')
+        raise RunError(f'{flag} {path}: no checkpoint at {file}')
     try:
         checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except Exception as e:  # torch.load raises many types for truncated or foreign files
-        raise RunError(f'--resume {path}: {file} is not a readable checkpoint '
+        raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
                        f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
-        raise RunError(f'--resume {path}: {file} is not a checkpoint of this script')
+        raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
     model = checkpoint['model']
     if not isinstance(model, dict) or {k: tuple(getattr(v, 'shape', ())) for k, v in model.items()} \
             != expected_shapes():
-        raise RunError(f'--resume {path}: {file} holds a different model (its layers do not match this CNN)')
+        raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)')
     try:
         check_checkpoint_fields(checkpoint)
     except BadField as e:
-        raise RunError(f'--resume {path}: {file}: {e}') from None
+        raise RunError(f'{flag} {path}: {file}: {e}') from None
     return checkpoint
 
 
@@ -1260,6 +1500,8 @@ def check_checkpoint_fields(checkpoint):
         for name, value in config.items():
             if name not in fields:
                 raise BadField(f'config.{name} is unknown to this version of the script')
+            if name in ('predict', 'model'):
+                continue  # a run's own settings only: --predict is never resumed
             try:
                 config[name] = saved_setting(fields[name], value)
             except ValueError as e:
@@ -1424,7 +1666,7 @@ def resume_command(out_dir, world):
 @dataclasses.dataclass
 class Status:
     """Where this process stands, so that a signal or an error ends in one honest line."""
-    stage: str = 'starting'  # starting, training, outputs, done, stopping
+    stage: str = 'starting'  # starting, training, outputs, done, predicting, stopping
     out_dir: str = ''
     signals: list = dataclasses.field(default_factory=list)  # SIGINT/SIGTERM collected while training
 
@@ -1456,6 +1698,8 @@ def stop_message(status, stopped, world):
     """The one line a signal ends the run with."""
     if stopped.stage in ('training', 'done'):
         return None  # the loop has said where it stopped and how to resume; or all was done
+    if stopped.stage == 'predicting':
+        return 'interrupted while predicting; predictions.csv was not written'
     if stopped.stage == 'outputs':
         return (f'interrupted while writing the final outputs; training is done and saved in {status.out_dir}. '
                 f'Write them with: {resume_command(status.out_dir, world)}')
@@ -1514,8 +1758,14 @@ def main(argv=None):
     with signals_handled(status):
         try:
             flags = parse_flags(argv)
-            checkpoint = load_checkpoint(flags['resume']) if 'resume' in flags else None
+            resuming = 'resume' in flags and 'predict' not in flags  # (that pair is refused by make_config)
+            checkpoint = load_checkpoint(flags['resume']) if resuming else None
             config = make_config(flags, checkpoint)
+            if config.predict:
+                if world.size > 1:
+                    raise UsageError('--predict runs in one process: start it without torchrun')
+                status.stage = 'predicting'
+                return predict_and_report(config, make_logger(world))
             return train_and_report(config, world, checkpoint, status, wall_started)
         except BaseException as e:
             status.stage = 'stopping'  # from here a signal ends the process at once, quietly

@@ -5,6 +5,7 @@ train_mnist_cnn.py in fp32 and bf16.
     python tests/benchmark.py [--device cpu|cuda] [--epochs N] [--repeats N] [--data-dir DIR] [--json FILE]
     python tests/benchmark.py --film ...      # the t-SNE film's cost: ours animated against ours --no-tsne
     python tests/benchmark.py --seeds N ...   # one-epoch accuracy and time over seeds 1..N, fp32 and bf16
+    python tests/benchmark.py --predict RUN   # the 10,000 test images as photos, read back through --predict
 
 In one run, on the same data and device, it measures the matmul peak (fp32 and bf16), counts the FLOPs of
 one epoch (training steps, the periodic evaluations, the final test), then times whole processes,
@@ -327,6 +328,40 @@ def measure_seeds(args):
     write_json(args, result)
 
 
+def measure_predict(args):
+    """The 10,000 test images written as photo-like PNGs (dark ink on grey paper, 3x, off centre, as the tests
+    write them) and read back through `--predict --model RUN`: accuracy against the model's on the tensors,
+    and images a second once the script has started."""
+    import csv
+    import torch
+    sys.path.insert(0, ROOT)
+    import train_mnist_cnn as tm
+    from conftest import photo_like
+    mnist = tm.load_mnist(args.data_dir, False, tm.World(), lambda message: None)
+    images, labels = mnist['test_images'], mnist['test_labels']
+    model = tm.CNN()
+    model.load_state_dict(tm.load_checkpoint(args.predict, '--model')['model'])
+    with torch.inference_mode():
+        on_tensors = (model.eval()(images.float() / 255)[0].argmax(1) == labels).float().mean().item()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = os.path.join(scratch, 'photos')
+        os.mkdir(folder)
+        for i, image in enumerate(images[:, 0].numpy()):
+            photo_like(image).save(os.path.join(folder, f'{i:05}.png'))
+        out_dir = os.path.join(scratch, 'out')
+        seconds, stdout = timed([sys.executable, SCRIPT, '--predict', folder, '--model', args.predict,
+                                 '--data-dir', args.data_dir, '--device', args.device, '--out-dir', out_dir])
+        done = next(line for line in stdout.splitlines() if line.startswith('done: '))
+        with open(os.path.join(out_dir, 'predictions.csv')) as f:
+            predicted = [int(row['predicted']) for row in csv.DictReader(f)]
+    on_photos = sum(p == l for p, l in zip(predicted, labels.tolist())) / len(predicted)
+    result = {'images': len(predicted), 'accuracy_on_tensors': round(on_tensors, 4),
+              'accuracy_on_photos': round(on_photos, 4), 'difference_points': round(100 * (on_photos - on_tensors), 2),
+              'whole_process_seconds': round(seconds, 2), 'script_says': done}
+    print(json.dumps(result, indent=2))
+    write_json(args, result)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', help='cpu or cuda (default: cpu)')
@@ -336,6 +371,7 @@ def main():
     parser.add_argument('--json', metavar='FILE', help='also write the results here')
     parser.add_argument('--film', action='store_true', help='time the t-SNE film against --no-tsne instead')
     parser.add_argument('--seeds', type=int, metavar='N', help='accuracy and time over seeds 1..N instead')
+    parser.add_argument('--predict', metavar='RUN', help='a trained run or checkpoint: measure --predict with it instead')
     parser.add_argument('--role', choices=ROLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -343,6 +379,8 @@ def main():
     if args.film:
         print(f'benchmark: {args.repeats} x (--no-tsne, film) whole processes on {args.device}', flush=True)
         return measure_film(args)
+    if args.predict:
+        return measure_predict(args)
     if args.seeds:
         print(f'benchmark: seeds 1..{args.seeds}, fp32 and bf16, {args.epochs} epoch(s) on {args.device}', flush=True)
         return measure_seeds(args)

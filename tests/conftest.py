@@ -113,3 +113,24 @@ def run_script(args, checksums, timeout=300, **popen):
 
 
 FAST = ['--no-tsne', '--device', 'cpu', '--log-interval', '4', '--eval-size', '200']
+
+
+def photo_like(digit, paper=200, ink=40, scale=3, offset=(17, 9), size=(130, 110)):
+    """A 28x28 MNIST digit as a photo or scan of it would be: dark ink on light grey paper, RGB, larger and off
+    centre on a bigger sheet."""
+    from PIL import Image
+    ink_level = paper - (paper - ink) * (digit.astype(np.float32) / 255)
+    sheet = np.full(size[::-1], paper, dtype=np.float32)
+    big = np.asarray(Image.fromarray(ink_level.astype(np.uint8)).resize((28 * scale, 28 * scale),
+                                                                          Image.Resampling.BICUBIC))
+    sheet[offset[1]:offset[1] + 28 * scale, offset[0]:offset[0] + 28 * scale] = big
+    return Image.fromarray(sheet.astype(np.uint8)).convert('RGB')
+
+
+def drawn_on_a_transparent_canvas(digit, scale=4):
+    """A digit as a web canvas exports it: black strokes whose alpha is the ink, on transparent pixels."""
+    from PIL import Image
+    alpha = Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.Resampling.BICUBIC)
+    canvas = Image.new('RGBA', alpha.size, (0, 0, 0, 0))
+    canvas.putalpha(alpha)
+    return canvas

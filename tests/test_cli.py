@@ -133,12 +133,11 @@ def help_rows():
     """--help's options as the README's flag table writes them: flag, default, meaning."""
     out = subprocess.run([sys.executable, SCRIPT, '--help'], capture_output=True, text=True, timeout=120,
                          env={**os.environ, 'COLUMNS': '1000'}).stdout
+    options = re.findall(r'(?m)^  (--[a-z-]+(?: [A-Z]+(?: \[[A-Z]+ \.\.\.\])?)?)\s+(\S.*)$', out.split('options:')[1])
     rows = []
-    for line in out.splitlines():
-        match = re.fullmatch(r'  (--[a-z-]+(?: [A-Z]+)?)\s{2,}(.*)', line)
-        if not match or match[1] == '--help':
+    for flag, text in options:
+        if flag == '--help':
             continue
-        flag, text = match.groups()
         default = re.fullmatch(r'(.*?) \((?:(.*); )?default: (.*)\)', text)
         if default:
             meaning = default[1] + (f' ({default[2]})' if default[2] else '')

@@ -1,0 +1,275 @@
+"""Your own handwriting: --predict on digit images, prepared the way MNIST's were; all offline, on fixture digits."""
+import csv
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import train_mnist_cnn as tm
+from conftest import drawn_on_a_transparent_canvas, photo_like, write_idx
+
+TRAIN = ['--device', 'cpu', '--epochs', '3', '--batch-size', '20', '--log-interval', '10', '--eval-size', '200',
+         '--tsne-points', '100']
+
+
+def glyph_digits(count, rng):
+    """Digits told apart by their shape, as MNIST's are: a font's glyphs at random sizes, slants and places,
+    then prepared as MNIST's digits were, so the photos of them below must come back to the same 28x28."""
+    images, labels = [], np.arange(count) % 10
+    for label in labels:
+        sheet = Image.new('L', (64, 64))
+        font = ImageFont.load_default(size=int(rng.integers(26, 40)))
+        ImageDraw.Draw(sheet).text((int(rng.integers(4, 24)), int(rng.integers(0, 16))), str(label), fill=255,
+                                   font=font)
+        images.append(tm.mnist_like(sheet.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)))
+    return np.stack(images), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def glyphs(tmp_path_factory):
+    """A fixture MNIST of glyph digits, a model trained on it with the film on, and the data's md5s."""
+    base = tmp_path_factory.mktemp('glyphs')
+    raw = base / 'data' / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_images, train_labels = glyph_digits(600, rng)
+    test_images, test_labels = glyph_digits(200, rng)
+    arrays = {'train-images-idx3-ubyte': train_images, 'train-labels-idx1-ubyte': train_labels,
+              't10k-images-idx3-ubyte': test_images, 't10k-labels-idx1-ubyte': test_labels}
+    for name, array in arrays.items():
+        write_idx(raw / name, array)
+    checksums = {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in arrays}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tm, 'MNIST_MD5', checksums)
+        assert tm.main([*TRAIN, '--data-dir', str(base / 'data'), '--out-dir', str(base / 'run')]) == 0
+    model = tm.CNN()
+    model.load_state_dict(torch.load(base / 'run' / 'model.pt', weights_only=True)['model'])
+    with torch.inference_mode():
+        predicted = model(torch.from_numpy(test_images).unsqueeze(1).float() / 255)[0].argmax(1).numpy()
+    return {'data': base / 'data', 'run': base / 'run', 'md5': checksums, 'test_images': test_images,
+            'test_labels': test_labels, 'predicted': predicted}
+
+
+@pytest.fixture
+def glyph_md5(glyphs, monkeypatch):
+    monkeypatch.setattr(tm, 'MNIST_MD5', glyphs['md5'])
+
+
+def predict(args, capsys):
+    code = tm.main(['--predict', *map(str, args)])
+    captured = capsys.readouterr()
+    assert 'Traceback' not in captured.out + captured.err
+    return code, captured.out, captured.err
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_glyph_model_learned_its_digits(glyphs):
+    assert (glyphs['predicted'] == glyphs['test_labels']).mean() > 0.9
+
+
+def test_photos_of_test_digits_are_read_as_their_tensors_are(glyphs, glyph_md5, tmp_path, capsys):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    digits = glyphs['test_images'][:12]
+    for i, digit in enumerate(digits[:9]):
+        photo_like(digit, offset=(5 + 3 * i, 20 - 2 * i)).save(photos / f'{i:02}.png')
+    photo_like(digits[9]).save(photos / '09.jpg', quality=92)
+    drawn_on_a_transparent_canvas(digits[10]).save(photos / '10.png')
+    photo_like(digits[11], paper=30, ink=230).save(photos / '11.png')  # light chalk on a dark board
+    code, out, err = predict([photos, '--model', glyphs['run'], '--data-dir', glyphs['data'], '--out-dir',
+                              tmp_path / 'out'], capsys)
+    assert code == 0 and err == ''
+    rows = read_csv(tmp_path / 'out' / 'predictions.csv')
+    assert [os.path.basename(r['file']) for r in rows] == sorted(os.listdir(photos))
+    assert [int(r['predicted']) for r in rows] == glyphs['predicted'][:12].tolist()
+    for row in rows:
+        probabilities = [float(row[f'p{d}']) for d in range(10)]
+        assert abs(sum(probabilities) - 1) < 1e-4 and int(row['predicted']) == int(np.argmax(probabilities))
+        top = np.argsort(probabilities)[::-1][:3]
+        assert f'{row["file"]}: ' + ' | '.join(f'{d} ({probabilities[d]:.1%})' for d in top) in out
+    assert 'note: no t-SNE panel' not in out
+    with Image.open(tmp_path / 'out' / 'predictions.png') as picture:
+        assert picture.width > 1000
+
+
+@pytest.mark.parametrize('shape', ['glyph', 'tall', 'wide', 'off-centre blob'])
+def test_preparation_centres_the_mass_and_scales_the_longer_side_to_20(glyphs, shape):
+    sheet = np.full((90, 120), 210, dtype=np.uint8)  # light grey paper
+    if shape == 'glyph':
+        sheet = np.asarray(photo_like(glyphs['test_images'][3], size=(120, 90), offset=(20, 2)).convert('L')).copy()
+    elif shape == 'tall':
+        sheet[10:80, 30:38] = 30
+    elif shape == 'wide':
+        sheet[40:52, 10:100] = 30
+    else:
+        sheet[5:35, 80:110] = 30
+        sheet[5:12, 80:90] = 0  # heavier in one corner: the mass is off the box's centre
+    seen = tm.mnist_like(Image.fromarray(sheet))
+    weights = seen.astype(np.float64)
+    rows, cols = np.indices(seen.shape) + 0.5
+    centre = ((rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum())
+    assert abs(centre[0] - 14) <= 0.5 and abs(centre[1] - 14) <= 0.5
+    ink_rows, ink_cols = np.nonzero(seen)
+    assert max(np.ptp(ink_rows), np.ptp(ink_cols)) + 1 == 20
+    assert seen.dtype == np.uint8 and seen.max() > 200 and seen[0].max() == seen[-1].max() == 0
+
+
+def test_polarity_is_found_for_both_paper_colours(glyphs):
+    digit = glyphs['test_images'][5]
+    photo = photo_like(digit, paper=215, ink=25)
+    on_paper = tm.mnist_like(photo)
+    on_a_board = tm.mnist_like(Image.fromarray(255 - np.asarray(photo)))  # the same, light chalk on a dark board
+    assert np.array_equal(on_paper, on_a_board)
+    assert on_paper[0, 0] == 0 and on_paper.max() > 200
+    assert np.corrcoef(on_paper.ravel(), digit.ravel())[0, 1] > 0.9  # and it is the digit that was photographed
+
+
+def decompression_bomb(path):
+    """A PNG whose header claims 40000 x 40000 pixels: Pillow refuses it before decoding anything."""
+    png = bytearray(_small_png())
+    png[16:24] = struct.pack('>II', 40000, 40000)  # IHDR's width and height
+    png[29:33] = struct.pack('>I', zlib.crc32(bytes(png[12:29])))
+    path.write_bytes(bytes(png))
+
+
+def _small_png():
+    import io
+    buffer = io.BytesIO()
+    Image.new('L', (8, 8), 128).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def test_bad_inputs_are_a_line_each_and_never_stop_the_others(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    photo_like(glyphs['test_images'][0]).save(folder / 'a-good.png')
+    Image.new('RGB', (60, 60), (230, 230, 230)).save(folder / 'b-blank.png')
+    (folder / 'c-not-an-image.png').write_text('these are words, not pixels')
+    decompression_bomb(folder / 'd-bomb.png')
+    (folder / 'e-truncated.png').write_bytes((folder / 'a-good.png').read_bytes()[:200])
+    photo_like(glyphs['test_images'][1]).save(folder / 'f-good.png')
+    (tmp_path / 'empty').mkdir()
+    code, out, err = predict([folder, tmp_path / 'missing.png', tmp_path / 'empty', '--model', glyphs['run'],
+                              '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0] == f'{folder}/b-blank.png: no ink: the image is blank'
+    assert lines[1] == f'{folder}/c-not-an-image.png: not an image Pillow can open'
+    assert lines[2].startswith(f'{folder}/d-bomb.png: refused as a decompression bomb (Image size (1600000000 pixels)')
+    assert lines[3].startswith(f'{folder}/e-truncated.png: cannot be read (')
+    assert lines[4:] == [f'{tmp_path}/missing.png: no such file', f'{tmp_path}/empty: a folder with no images in it']
+    assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == \
+        ['a-good.png', 'f-good.png']
+    assert 'done: 2 images predicted' in out and '6 could not be read' in out
+
+
+def test_a_folder_of_many_is_streamed_and_the_picture_shows_the_least_confident(glyphs, glyph_md5, tmp_path,
+                                                                               monkeypatch, capsys):
+    folder = tmp_path / 'many'
+    folder.mkdir()
+    for i, digit in enumerate(glyphs['test_images'][:30]):
+        photo_like(digit).save(folder / f'{i:03}.png')
+    monkeypatch.setattr(tm, 'PREDICT_BATCH', 4)
+    monkeypatch.setattr(tm, 'PICTURE_MOST', 5)
+    pulled, real_images_to_read = [], tm.images_to_read
+
+    def counting(paths):
+        for entry in real_images_to_read(paths):
+            pulled.append(entry)
+            yield entry
+    monkeypatch.setattr(tm, 'images_to_read', counting)
+    real_read, pulled_before_first_prediction = tm.read_image, []
+    monkeypatch.setattr(tm, 'read_image', lambda path: pulled_before_first_prediction.append(len(pulled))
+                        or real_read(path))
+    drawn = {}
+    real_draw = tm.draw_predictions
+    monkeypatch.setattr(tm, 'draw_predictions', lambda shown, total, film: drawn.update(shown=shown, total=total)
+                        or real_draw(shown, total, film))
+    code, out, _ = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and max(pulled_before_first_prediction[:4]) <= 4  # a batch at a time, not the whole folder
+    rows = read_csv(tmp_path / 'out' / 'predictions.csv')
+    assert len(rows) == 30 and drawn['total'] == 30 and len(drawn['shown']) == 5
+    confidence = sorted((max(float(r[f'p{d}']) for d in range(10)), r['file']) for r in rows)
+    assert [entry[2] for entry in drawn['shown']] == [file for _, file in confidence[:5]]
+
+
+def test_the_t_sne_panel_needs_the_runs_film_and_the_data(glyphs, glyph_md5, tmp_path, capsys):
+    photo_like(glyphs['test_images'][0]).save(tmp_path / 'one.png')
+    film = tm.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
+                                   print)
+    assert film['embedding'].shape == (100, 2) and film['features'].shape == (100, 1568)
+    _, out, _ = predict([tmp_path / 'one.png', '--model', glyphs['run'], '--data-dir', tmp_path / 'nodata',
+                         '--out-dir', tmp_path / 'out1'], capsys)
+    assert f'note: no t-SNE panel: the test images it shows are not in --data-dir {tmp_path / "nodata"}' in out
+    bare = tmp_path / 'bare-run'
+    bare.mkdir()
+    shutil.copy(glyphs['run'] / 'model.pt', bare / 'model.pt')
+    _, out, _ = predict([tmp_path / 'one.png', '--model', bare, '--data-dir', glyphs['data'], '--out-dir',
+                         tmp_path / 'out2'], capsys)
+    assert f'note: no t-SNE panel: {bare} has no tsne.npz' in out
+    assert 'model: ' + str(bare / 'model.pt') + ' (no summary.json: its run did not finish)' in out
+    assert (tmp_path / 'out2' / 'predictions.png').exists()
+
+
+def model_of(glyphs):
+    model = tm.CNN()
+    model.load_state_dict(torch.load(glyphs['run'] / 'model.pt', weights_only=True)['model'])
+    return model.eval()
+
+
+def test_an_image_of_a_shown_test_digit_lands_among_its_neighbours(glyphs, glyph_md5):
+    film = tm.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
+                                   print)
+    figure = tm.draw_predictions([(0.5, 0, 'x.png', glyphs['test_images'][7], np.zeros((8, 8, 3), np.uint8),
+                                   np.full(10, 0.1), film['features'][7])], 1, film)
+    stars = [c for ax in figure.axes for c in ax.collections if c.get_offsets().shape == (1, 2)]
+    position = stars[0].get_offsets()[0]
+    distances = np.linalg.norm(film['embedding'] - film['embedding'][7], axis=1)
+    assert np.linalg.norm(position - film['embedding'][7]) <= np.sort(distances)[film['neighbours']]
+
+
+def test_the_newest_run_is_the_default_model_and_the_line_says_which(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name, when in (('older', 1_000_000_000), ('newer', 1_500_000_000)):
+        shutil.copytree(glyphs['run'], tmp_path / 'runs' / name)
+        os.utime(tmp_path / 'runs' / name / 'model.pt', (when, when))
+    photo_like(glyphs['test_images'][0]).save(tmp_path / 'one.png')
+    code, out, _ = predict([tmp_path / 'one.png'], capsys)
+    accuracy = json.loads((glyphs['run'] / 'summary.json').read_text())['test_accuracy']
+    assert code == 0 and out.splitlines()[0] == f'model: runs/newer/model.pt (test accuracy {accuracy:.4f})'
+    assert len([p for p in (tmp_path / 'runs').iterdir()]) == 3  # the two runs and this prediction's folder
+
+
+def test_no_model_anywhere_says_how_to_train_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'one.png').write_bytes(_small_png())
+    code, _, err = predict([tmp_path / 'one.png'], capsys)
+    assert code == 1
+    assert err == ('error: no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
+                   'or name one with --model\n')
+    assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--predict', 'x.png', '--epochs', '2'], '--epochs is a training flag; it does not go with --predict'),
+    (['--predict', 'x.png', '--no-tsne'], '--no-tsne is a training flag'),
+    (['--predict', 'x.png', '--resume', 'runs/a'], '--resume is a training flag'),
+    (['--model', 'runs/a'], '--model goes with --predict'),
+    (['--predict'], 'expected at least one argument'),
+])
+def test_predict_with_a_training_flag_is_a_usage_error(flags, message, tmp_path, capsys):
+    assert tm.main([*flags, '--out-dir', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('usage error:') and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'out').exists()
