@@ -738,7 +738,8 @@ def draw_samples(fig, images, labels, cols=8):
 def mnist_like(image):
     """A digit image (a PIL image) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black,
     the ink's box scaled so its longer side is 20 pixels (aspect kept, antialiased), and placed in 28x28 with its
-    centre of mass at the centre. Returns 28x28 uint8 grey levels, as the IDX files hold them."""
+    centre of mass on pixel (14, 14), where MNIST's own lie (their mean is 14.0 +- 0.3 in rows and columns).
+    Returns 28x28 uint8 grey levels, as the IDX files hold them."""
     from PIL import Image
     grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
@@ -750,12 +751,12 @@ def mnist_like(image):
     level = np.clip((grey - paper) / (ink - paper), 0, 1)
     level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
     digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
-    digit = digit.crop(digit.getbbox())
+    digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
     scale = 20 / max(digit.size)
     digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
                          Image.Resampling.LANCZOS)
     weights = np.asarray(digit, dtype=np.float64)
-    rows, cols = np.indices(weights.shape) + 0.5  # pixel centres
+    rows, cols = np.indices(weights.shape)
     centre_row, centre_col = (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
     placed = Image.new('L', (28, 28))
     placed.paste(digit, (round(14 - centre_col), round(14 - centre_row)))
@@ -773,7 +774,8 @@ def on_white(image):
 
 
 MIN_INK_CONTRAST = 40  # grey levels between the paper and the darkest ink below which an image is blank
-PAPER_NOISE = 0.2      # the share of the ink's contrast below which a pixel is paper
+PAPER_NOISE = 0.1      # the share of the ink's contrast below which a pixel is paper
+INK_FOR_THE_BOX = 0.3  # and the share from which it counts towards the ink's box
 PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat however many there are
 PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
 
@@ -796,7 +798,7 @@ def images_to_read(paths):
 
 
 def read_image(path):
-    """The image at `path` as the network should see it, and a small copy of it as given (for the picture)."""
+    """The image at `path` as the network should see it."""
     import warnings
     from PIL import Image, UnidentifiedImageError
     try:
@@ -804,16 +806,24 @@ def read_image(path):
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                seen = mnist_like(image)
-                given = on_white(image)
-                given.thumbnail((96, 96))
-                return seen, np.asarray(given)
+                return mnist_like(image)
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
     except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
         raise ValueError(f'cannot be read ({e})') from None
+
+
+def read_entry(entry):
+    """(path, the 28x28 seen) for an image read, (path, why) for one that cannot be."""
+    path, why = entry
+    if why:
+        return path, why
+    try:
+        return path, read_image(path)
+    except ValueError as e:
+        return path, str(e)
 
 
 def find_model(path):
@@ -833,7 +843,7 @@ def predict_and_report(config, log):
     if config.threads:
         torch.set_num_threads(config.threads)
     model_file = find_model(config.model)
-    checkpoint = load_checkpoint(model_file, '--model')
+    checkpoint = load_checkpoint(model_file, '--model', check_fields=False)  # the weights are all it reads
     model = CNN()
     model.load_state_dict(checkpoint['model'])
     model = to_device(model, device).eval()
@@ -849,29 +859,29 @@ def predict_and_report(config, log):
             rows = csv.writer(table)
             rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
             entries = images_to_read(config.predict)
+            readers = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # Pillow decodes and resizes off the GIL
             for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
                 read = []
-                for path, why in batch:
-                    try:
-                        if why:
-                            raise ValueError(why)
-                        read.append((path, *read_image(path)))
-                    except ValueError as e:
-                        print(f'{path}: {e}', file=sys.stderr, flush=True)
+                for path, result in readers.map(read_entry, batch):
+                    if isinstance(result, str):
+                        print(f'{path}: {result}', file=sys.stderr, flush=True)
                         counts['failed'] += 1
+                    else:
+                        read.append((path, result))
                 if not read:
                     continue
-                images = torch.from_numpy(np.stack([seen for _, seen, _ in read])).unsqueeze(1).to(device)
+                images = torch.from_numpy(np.stack([seen for _, seen in read])).unsqueeze(1).to(device)
                 with torch.inference_mode():
                     logits, features = model(to_unit_range(images))
                 probabilities = logits.float().softmax(1).cpu().numpy()
-                for (path, seen, given), p, feature in zip(read, probabilities, features.cpu()):
+                for (path, seen), p, feature in zip(read, probabilities, features.cpu()):
                     top = p.argsort()[::-1][:3]
                     log(f'{path}: ' + ' | '.join(f'{d} ({p[d]:.1%})' for d in top))
                     rows.writerow([path, top[0], *(f'{x:.6f}' for x in p)])
-                    shown.append((p[top[0]], counts['read'], path, seen, given, p, feature))
+                    shown.append((p[top[0]], counts['read'], path, seen, p, feature))
                     counts['read'] += 1
                 shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
+            readers.shutdown()
         seconds = time.perf_counter() - started
         log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
@@ -913,8 +923,9 @@ def draw_predictions(shown, total, film):
     fig = Figure(figsize=(3.2 * cols + (6.4 if film else 0), 1.9 * rows + 0.8), layout='constrained')
     cells, panel = (fig.subfigures(1, 2, width_ratios=[3.2 * cols, 6.4]) if film else (fig, None))
     axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()
-    for number, ((confidence, _, path, seen, given, p, _), ax) in enumerate(zip(shown, axes), 1):
+    for number, ((confidence, _, path, seen, p, _), ax) in enumerate(zip(shown, axes), 1):
         canvas = np.full((96, 200, 3), 255, dtype=np.uint8)
+        given = as_given(path)
         canvas[:given.shape[0], :given.shape[1]] = given
         canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
         ax.imshow(canvas)
@@ -934,13 +945,25 @@ def draw_predictions(shown, total, film):
         for digit in range(10):  # each cluster named by its digit, at the middle of its points
             ax.text(*np.median(embedding[film['labels'] == digit], axis=0), str(digit), fontsize=16, weight='bold',
                     color=colours[digit] * [0.6, 0.6, 0.6, 1], ha='center', va='center')
-        features = torch.stack([entry[6] for entry in shown])
+        features = torch.stack([entry[5] for entry in shown])
         nearest = torch.cdist(features, film['features']).topk(film['neighbours'], largest=False).indices
         for number, position in enumerate(embedding[nearest.numpy()].mean(1), 1):
             ax.scatter(*position, s=260, marker='*', color='black', edgecolors='white', linewidths=0.8)
             ax.annotate(f'#{number}', position, xytext=(5, 5), textcoords='offset points', fontsize=9, weight='bold')
         ax.set(xticks=[], yticks=[], title="where each lands on the run's last t-SNE frame")
     return fig
+
+
+def as_given(path, size=96):
+    """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            given = on_white(image)
+            given.thumbnail((size, size))
+            return np.asarray(given)
+    except (OSError, ValueError):  # changed on disk since it was read
+        return np.full((size, size, 3), 255, dtype=np.uint8)
 
 
 def show_if_interactive(picture):
@@ -1445,8 +1468,8 @@ def claimed_folder(config, holds_a_run_ok=False):
 CHECKPOINT_KEYS = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
 
 
-def load_checkpoint(path, flag='--resume'):
-    """The checkpoint at PATH (a file, or a run folder holding model.pt), every field checked."""
+def load_checkpoint(path, flag='--resume', check_fields=True):
+    """The checkpoint at PATH (a file, or a run folder holding model.pt), its model and every other field checked."""
     file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise RunError(f'{flag} {path}: no checkpoint at {file}')
@@ -1462,7 +1485,8 @@ def load_checkpoint(path, flag='--resume'):
             != expected_shapes():
         raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)')
     try:
-        check_checkpoint_fields(checkpoint)
+        if check_fields:
+            check_checkpoint_fields(checkpoint)
     except BadField as e:
         raise RunError(f'{flag} {path}: {file}: {e}') from None
     return checkpoint
