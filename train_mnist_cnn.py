@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 
@@ -57,7 +58,7 @@ PROCESS_STARTED = time.perf_counter()  # before torch's import, which is most of
 
 
 def stop_while_starting(signum, frame):
-    print('interrupted before training started; nothing was written', file=sys.stderr)
+    print('interrupted while starting; nothing was written', file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -270,7 +271,7 @@ def train(run, signals):
     is scored, logged and filmed; a checkpoint is written after each epoch, every --save-every steps, and
     when SIGINT or SIGTERM arrives (`signals` collects them)."""
     config, progress, world = run.config, run.progress, run.world
-    test = None
+    test = loss = None  # (a run stopped after an epoch's last step resumes with no step left in it)
     while progress.epoch < config.epochs:
         if progress.step_in_epoch == 0:
             progress.epoch_seed = draw_epoch_seed()
@@ -738,8 +739,12 @@ def mnist_like(image):
     the ink's box scaled so its longer side is 20 pixels (aspect kept, antialiased), and placed in 28x28 with its
     centre of mass on pixel (14, 14), where MNIST's own lie (their mean is 14.0 +- 0.3 in rows and columns).
     Returns 28x28 uint8 grey levels, as the IDX files hold them."""
-    from PIL import Image
-    grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
+    from PIL import Image, ImageOps
+    if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
+        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float32)  # not clipped to 8 bits
+        grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
+    else:
+        grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 127:  # light paper: the ink becomes light on dark, as in MNIST
         grey, border = 255 - grey, 255 - border
@@ -754,6 +759,8 @@ def mnist_like(image):
     digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
                          Image.Resampling.LANCZOS)
     weights = np.asarray(digit, dtype=np.float64)
+    if not weights.any():
+        raise ValueError('no ink left at 20 pixels: the marks are too small or too far apart for a digit')
     rows, cols = np.indices(weights.shape)
     centre_row, centre_col = (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
     placed = Image.new('L', (28, 28))
@@ -778,36 +785,43 @@ PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat 
 PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
 
 
-def images_to_read(paths):
-    """(path, None) for each image to read, or (path, why) for what cannot be: files as given, folders' images
-    in name order."""
+def images_to_read(paths, skip=()):
+    """(path, None) for each image to read, or (path, why) for what cannot be: files as given; folders' images
+    (by the extensions of the formats Pillow opens, hidden files left out), subfolders too, in name order;
+    `skip` is what this run writes itself."""
     from PIL import Image
-    extensions = set(Image.registered_extensions())
+    extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
     for path in paths:
         if os.path.isdir(path):
-            names = sorted(name for name in os.listdir(path) if os.path.splitext(name)[1].lower() in extensions)
-            yield from ((os.path.join(path, name), None) for name in names)
-            if not names:
+            found = 0
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = sorted(name for name in subfolders if not name.startswith('.'))
+                for name in sorted(names):
+                    file = os.path.join(folder, name)
+                    if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
+                            and os.path.isfile(file) and os.path.realpath(file) not in skip:
+                        found += 1
+                        yield file, None
+            if not found:
                 yield path, 'a folder with no images in it'
-        elif os.path.exists(path):
+        elif os.path.isfile(path):
             yield path, None
         else:
-            yield path, 'no such file'
+            yield path, 'not a file (a pipe, a device?)' if os.path.exists(path) else 'no such file'
 
 
 def read_image(path):
     """The image at `path` as the network should see it."""
-    import warnings
     from PIL import Image, UnidentifiedImageError
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # a large phone photo (up to Pillow's bomb limit, 179 MP) is welcome
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
                 return mnist_like(image)
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
         raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
     except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
         raise ValueError(f'cannot be read ({e})') from None
@@ -835,7 +849,7 @@ def find_model(path):
     return found[-1]
 
 
-def predict_and_report(config, log):
+def predict_and_report(config, status, log):
     """--predict: every image read as MNIST was made, predicted by the model, and reported; 1 if any failed."""
     device = resolve_device(config.device, World())
     if config.threads:
@@ -852,42 +866,60 @@ def predict_and_report(config, log):
             trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
     log(f'model: {model_file} ({trained})')
     with claimed_folder(config, holds_a_run_ok=True) as out_dir:
-        started, counts, shown = time.perf_counter(), collections.Counter(), []
-        entries = images_to_read(config.predict)
-        with atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table, \
-                concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as readers:  # Pillow decodes off the GIL
-            rows = csv.writer(table)
-            rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
-            for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
-                read = []
-                for path, result in readers.map(read_entry, batch):
-                    if isinstance(result, str):
-                        print(f'{path}: {result}', file=sys.stderr, flush=True)
-                        counts['failed'] += 1
-                    else:
-                        read.append((path, result))
-                if not read:
-                    continue
-                images = torch.from_numpy(np.stack([seen for _, seen in read])).unsqueeze(1).to(device)
-                with torch.inference_mode():
-                    logits, features = model(to_unit_range(images))
-                probabilities = logits.float().softmax(1).cpu().numpy()
-                for (path, seen), p, feature in zip(read, probabilities, features.cpu()):
-                    top = p.argsort()[::-1][:3]
-                    log(f'{path}: ' + ' | '.join(f'{d} ({p[d]:.1%})' for d in top))
-                    rows.writerow([path, top[0], *(f'{x:.6f}' for x in p)])
-                    shown.append((p[top[0]], counts['read'], path, seen, p, feature))
-                    counts['read'] += 1
-                shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
+        status.out_dir = out_dir
+        picture = os.path.join(out_dir, 'predictions.png')
+        started = time.perf_counter()
+        entries = images_to_read(config.predict, skip={os.path.realpath(picture)})
+        with atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
+            counts, shown = predict_all(model, device, entries, csv.writer(table), log)
+        status.stage = 'predicted'
         seconds = time.perf_counter() - started
         log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
         if shown:
             film = film_for_predictions(run_dir, config.data_dir, model, device, log)
-            picture = os.path.join(out_dir, 'predictions.png')
             save_figure(draw_predictions(shown, counts['read'], film), picture)
             show_if_interactive(picture)
     return EXIT_RUNTIME if counts['failed'] else 0
+
+
+def predict_all(model, device, entries, rows, log):
+    """Reads and predicts the images a batch at a time, a line and a CSV row each; returns the counts and the
+    least confident few, for the picture."""
+    counts, shown = collections.Counter(), []
+    rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
+    readers = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # Pillow decodes and resizes off the GIL
+    try:
+        for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
+            read = []
+            for path, result in readers.map(read_entry, batch):
+                if isinstance(result, str):
+                    print(f'{printable(path)}: {result}', file=sys.stderr, flush=True)
+                    counts['failed'] += 1
+                else:
+                    read.append((path, result))
+            if not read:
+                continue
+            images = torch.from_numpy(np.stack([seen for _, seen in read])).unsqueeze(1).to(device)
+            with torch.inference_mode():
+                logits, features = model(to_unit_range(images))
+            probabilities = logits.float().softmax(1).cpu().numpy()
+            for (path, seen), p, feature in zip(read, probabilities, features.cpu()):
+                top = p.argsort()[::-1][:3]
+                log(f'{printable(path)}: ' + ' | '.join(f'{d} ({p[d]:.1%})' for d in top))
+                rows.writerow([printable(path), top[0], *(f'{x:.6f}' for x in p)])
+                shown.append((p[top[0]], counts['read'], path, seen, p, feature))
+                counts['read'] += 1
+            shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
+    finally:
+        readers.shutdown(wait=False, cancel_futures=True)  # after Ctrl-C the queued reads are dropped
+    return counts, shown
+
+
+def printable(path):
+    """A path as it can be printed and written to UTF-8: bytes that are no UTF-8 (possible in a POSIX file
+    name) are shown as \\xNN escapes."""
+    return path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
 
 
 def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
@@ -897,12 +929,18 @@ def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
     if not os.path.isfile(path):
         log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
         return None
-    files, problems = read_mnist(raw_folder(data_dir), lambda message: None)
+    files, problems = read_mnist(raw_folder(data_dir), lambda message: None, unpack=False)
     if problems:
         log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
         return None
-    with np.load(path) as film:
-        embedding, labels = film['embeddings'][-1], film['labels']
+    try:
+        with np.load(path) as film:
+            embedding, labels = film['embeddings'][-1].astype(np.float32), film['labels'].astype(np.int64)
+        if embedding.shape != (len(labels), 2) or not np.isfinite(embedding).all() or labels.ndim != 1:
+            raise ValueError('its frames and labels do not fit together')
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+        log(f'note: no t-SNE panel: {path} cannot be read ({" ".join(str(e).split())[:100]})')
+        return None
     if not np.array_equal(idx_tensor(files['t10k-labels-idx1-ubyte'])[:len(labels)].numpy(), labels):
         log(f'note: no t-SNE panel: the test images in --data-dir {data_dir} are not the ones its film shows')
         return None
@@ -930,7 +968,7 @@ def draw_predictions(shown, total, film):
         canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
         ax.imshow(canvas)
         top = p.argsort()[::-1][:3]
-        ax.set_title(f'#{number} {os.path.basename(path)[:22]}', fontsize=8)
+        ax.set_title(f'#{number} {printable(os.path.basename(path))[:22]}', fontsize=8)
         ax.set_xlabel('  '.join(f'{d}: {p[d]:.1%}' for d in top), fontsize=8)
         ax.set(xticks=[], yticks=[])
     for ax in axes[len(shown):]:
@@ -958,10 +996,12 @@ def as_given(path, size=96):
     """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
     from PIL import Image
     try:
-        with Image.open(path) as image:
-            given = on_white(image)
-            given.thumbnail((size, size))
-            return np.asarray(given)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # it was read once already
+            with Image.open(path) as image:
+                given = on_white(image)
+                given.thumbnail((size, size))
+                return np.asarray(given)
     except (OSError, ValueError):  # changed on disk since it was read
         return np.full((size, size, 3), 255, dtype=np.uint8)
 
@@ -1027,8 +1067,8 @@ def build_parser():
                             description='Train the tutorial CNN on MNIST and animate a t-SNE of its features; '
                                         'with --predict, read your own digit images with it.',
                             epilog='exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 stopped by '
-                                   'SIGINT/SIGTERM (a checkpoint is written; --resume continues). --predict exits 1 '
-                                   'when an image could not be read.',
+                                   'SIGINT/SIGTERM (training writes a checkpoint first; --resume continues). '
+                                   '--predict exits 1 when an image could not be read.',
                             argument_default=argparse.SUPPRESS)
     for field in dataclasses.fields(Config):
         meta = field.metadata
@@ -1083,8 +1123,9 @@ def make_config(flags, resumed=None):
             raise UsageError(f'--out-dir {flags["out_dir"]}: a resumed run goes on in its own folder, {folder}; '
                              'leave --out-dir out (copy the folder first to branch off)')
         values['out_dir'] = folder
-        if flags.get('epochs', values['epochs']) < resumed['epoch']:
-            raise UsageError(f'--epochs {flags["epochs"]} is below the {resumed["epoch"]} epochs already trained')
+        epochs = flags.get('epochs', values['epochs'])
+        if epochs < resumed['epoch']:
+            raise UsageError(f'--epochs {epochs} is below the {resumed["epoch"]} epochs already trained')
     values.update(flags)
     config = Config(**values)
     film_points = min(config.tsne_points, config.eval_size)
@@ -1149,8 +1190,9 @@ def unpack_gz(path, name, log):
     return data, None
 
 
-def read_mnist(raw, log):
-    """The four files' bytes, each read once and checked against its md5, and the problems, one line each."""
+def read_mnist(raw, log, unpack=True):
+    """The four files' bytes, each read once and checked against its md5, and the problems, one line each.
+    Without `unpack` a .gz is left as it is (and its file counts as missing)."""
     files, problems = {}, []
     for name, md5 in MNIST_MD5.items():
         path = os.path.join(raw, name)
@@ -1158,7 +1200,7 @@ def read_mnist(raw, log):
             with open(path, 'rb') as f:
                 data = f.read()
         except FileNotFoundError:
-            if os.path.isfile(path + '.gz'):
+            if unpack and os.path.isfile(path + '.gz'):
                 data, problem = unpack_gz(path, name, log)
             else:
                 data, problem = None, f'{path}: missing'
@@ -1476,16 +1518,23 @@ def load_checkpoint(path, flag='--resume', check_fields=True):
     if not os.path.isfile(file):
         raise RunError(f'{flag} {path}: no checkpoint at {file}')
     try:
-        checkpoint = torch.load(file, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # a crafted file is answered in one line below, not torch's warnings
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
                        f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+    if not check_fields and isinstance(checkpoint, dict) and checkpoint.keys() == expected_shapes().keys():
+        checkpoint = {'model': checkpoint}  # a bare state_dict of this CNN: its weights are all --predict reads
+    elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
     model = checkpoint['model']
     if not isinstance(model, dict) or {k: tuple(getattr(v, 'shape', ())) for k, v in model.items()} \
             != expected_shapes():
         raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)')
+    if not all(v.layout == torch.strided and v.dtype == torch.float32 and v.device.type == 'cpu'
+               and bool(v.isfinite().all()) for v in model.values()):
+        raise RunError(f'{flag} {path}: {file} holds weights this script never writes (not finite float32 tensors)')
     try:
         if check_fields:
             check_checkpoint_fields(checkpoint)
@@ -1542,10 +1591,14 @@ def check_checkpoint_fields(checkpoint):
                 raise BadField(f'progress.{name} is unknown to this version of the script')
             number = (int, float) if kinds[name] is float else int
             if kinds[name] is list:
-                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS for row in value):
-                    raise BadField(f'progress.{name} holds rows that are not {", ".join(METRICS_COLUMNS)}')
-            elif isinstance(value, bool) or not isinstance(value, number) or not (math.isfinite(value) and value >= 0):
-                raise BadField(f'progress.{name} is {value!r}, not a {kinds[name].__name__} >= 0')
+                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS and all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                        for x in row.values()) for row in value):
+                    raise BadField(f'progress.{name} holds rows that are not numbers for '
+                                   f'{", ".join(METRICS_COLUMNS)}')
+            elif isinstance(value, bool) or not isinstance(value, number) or not (
+                    math.isfinite(value) and 0 <= value < 2**63):
+                raise BadField(f'progress.{name} is {value!r}, not a {kinds[name].__name__} from 0 to 2**63')
         if (checkpoint['epoch'], checkpoint['step']) != (progress.get('epoch', 0), progress.get('step', 0)):
             raise BadField('epoch and step disagree with progress')
     with field_named('rng'):
@@ -1553,6 +1606,7 @@ def check_checkpoint_fields(checkpoint):
         if not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states) \
                 or states[0].shape != torch.get_rng_state().shape:
             raise BadField('rng does not hold random generator states of this torch')
+        torch.Generator().set_state(states[0])  # refuses a state the generator could never be in
     with field_named('optimizer'):
         optimizer = torch.optim.Adam(CNN().parameters())
         optimizer.load_state_dict(checkpoint['optimizer'])
@@ -1563,9 +1617,13 @@ def check_checkpoint_fields(checkpoint):
             raise BadField('optimizer does not hold the parameters of this CNN')
     with field_named('tsne'):
         film = checkpoint.get('tsne') or {}
+        predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
+            if film else None
         if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
+                         and bool(film['embeddings'].isfinite().all())
                          and len(film['steps']) == len(film['titles']) == len(film['embeddings'])
-                         and film.get('predictions', film['embeddings'][..., 0]).shape == film['embeddings'].shape[:2]):
+                         and predictions.shape == film['embeddings'].shape[:2] and predictions.dtype == torch.int64
+                         and bool(((predictions >= 0) & (predictions <= 9)).all())):
             raise BadField('tsne does not hold frames of the film')
 
 
@@ -1602,10 +1660,19 @@ class World:
 
 
 def world_from_env():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run has none of them."""
-    if 'WORLD_SIZE' not in os.environ:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run has none of them (or WORLD_SIZE=1). A launcher
+    that sets only WORLD_SIZE and RANK (Kubeflow's, one process a pod) is taken as LOCAL_RANK 0."""
+    names = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+    try:
+        rank, size, local_rank = (int(os.environ.get(name, '0')) for name in names)
+    except ValueError:
+        raise UsageError(f'{", ".join(f"{n}={os.environ.get(n)!r}" for n in names)}: torchrun\'s variables must be '
+                         'whole numbers') from None
+    if size <= 1:
         return World()
-    return World(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK']))
+    if not (0 <= rank < size and 0 <= local_rank <= rank):
+        raise UsageError(f'RANK={rank}, WORLD_SIZE={size}, LOCAL_RANK={local_rank} do not describe a process of a job')
+    return World(rank, size, local_rank)
 
 
 def resolve_device(name, world):
@@ -1674,7 +1741,10 @@ def make_logger(world, every_machine=False):
 
     def log(message):
         if prints:
-            print(prefix + message, flush=True)
+            try:
+                print(prefix + message, flush=True)
+            except BrokenPipeError:  # `| head` has read its fill: the run goes on, and stops printing
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return log
 
 
@@ -1692,7 +1762,7 @@ def resume_command(out_dir, world):
 @dataclasses.dataclass
 class Status:
     """Where this process stands, so that a signal or an error ends in one honest line."""
-    stage: str = 'starting'  # starting, training, outputs, done, predicting, stopping
+    stage: str = 'starting'  # starting, training, outputs, done; predicting, predicted; stopping
     out_dir: str = ''
     signals: list = dataclasses.field(default_factory=list)  # SIGINT/SIGTERM collected while training
 
@@ -1712,12 +1782,19 @@ def signals_handled(status):
             stage, status.stage = status.stage, 'stopping'
             raise Stopped(signum, stage)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handle) for s in stop_signals()}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stop_signals():
+    """SIGINT, SIGTERM, and SIGHUP (a closed terminal) unless it is ignored, as under nohup."""
+    hangup = getattr(signal, 'SIGHUP', None)
+    return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN
+                                              else [])
 
 
 def stop_message(status, stopped, world):
@@ -1726,10 +1803,13 @@ def stop_message(status, stopped, world):
         return None  # the loop has said where it stopped and how to resume; or all was done
     if stopped.stage == 'predicting':
         return 'interrupted while predicting; predictions.csv was not written'
+    if stopped.stage == 'predicted':
+        return f'interrupted while drawing predictions.png; predictions.csv is written in {status.out_dir}'
     if stopped.stage == 'outputs':
         return (f'interrupted while writing the final outputs; training is done and saved in {status.out_dir}. '
                 f'Write them with: {resume_command(status.out_dir, world)}')
     return 'interrupted before training started; nothing was written'
+
 
 
 # -----------------------------------------------------------------------------
@@ -1759,6 +1839,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             status.stage = 'training'
             try:
                 test = train(run, status.signals)
+                if status.signals:  # it came while the last epoch was saved and scored: its checkpoint stands
+                    raise Stopped(status.signals[0], 'training')
             except Stopped:
                 status.stage = 'stopping'
                 log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n'
@@ -1779,10 +1861,10 @@ def train_and_report(config, world, checkpoint, status, wall_started):
 def main(argv=None):
     """The script as a function: flags in, an exit code out; every error a user can cause is one line."""
     wall_started = time.perf_counter()
-    world = world_from_env()
-    status = Status()
+    world, status = World(), Status()
     with signals_handled(status):
         try:
+            world = world_from_env()
             flags = parse_flags(argv)
             resuming = 'resume' in flags and 'predict' not in flags  # (that pair is refused by make_config)
             checkpoint = load_checkpoint(flags['resume']) if resuming else None
@@ -1791,7 +1873,7 @@ def main(argv=None):
                 if world.size > 1:
                     raise UsageError('--predict runs in one process: start it without torchrun')
                 status.stage = 'predicting'
-                return predict_and_report(config, make_logger(world))
+                return predict_and_report(config, status, make_logger(world))
             return train_and_report(config, world, checkpoint, status, wall_started)
         except BaseException as e:
             status.stage = 'stopping'  # from here a signal ends the process at once, quietly

@@ -345,7 +345,7 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert stderr == 'interrupted before training started; nothing was written\n' and stdout == ''
+    assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
 
 
 def test_ctrl_c_again_after_the_checkpoint_is_saved_stays_quiet(uninterrupted, tmp_path, fixture_checksums):
@@ -364,3 +364,108 @@ def test_ctrl_c_again_after_the_checkpoint_is_saved_stays_quiet(uninterrupted, t
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert stderr == '' and 'checkpoint saved. Resume with:' in stdout
+
+
+# Found by trying to break it
+
+def test_a_run_stopped_right_after_an_epochs_last_step_resumes(tmp_path, data_dir, monkeypatch, capsys):
+    real_step, steps = tm.train_step, []
+
+    def step_then_ctrl_c_at_the_last(*args):
+        steps.append(1)
+        if len(steps) == 12:  # the epoch's last step: the checkpoint holds a finished epoch not yet closed
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args)
+    monkeypatch.setattr(tm, 'train_step', step_then_ctrl_c_at_the_last)
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 130
+    checkpoint = torch.load(run / 'model.pt', weights_only=True)
+    assert (checkpoint['progress']['step_in_epoch'], checkpoint['epoch']) == (12, 0)
+    monkeypatch.setattr(tm, 'train_step', real_step)
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run)]) == 0
+    assert json.loads((run / 'summary.json').read_text())['epochs'] == 1
+
+
+def test_a_signal_while_the_last_epoch_is_saved_and_scored_is_not_lost(tmp_path, data_dir, monkeypatch, capsys):
+    real_test_all = tm.Run.test_all
+
+    def ctrl_c_then_score(self):
+        signal.raise_signal(signal.SIGINT)
+        return real_test_all(self)
+    monkeypatch.setattr(tm.Run, 'test_all', ctrl_c_then_score)
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 130
+    assert 'interrupted at step 12; checkpoint saved. Resume with:' in capsys.readouterr().out
+    assert not (run / 'summary.json').exists()
+    monkeypatch.setattr(tm.Run, 'test_all', real_test_all)
+    assert tm.main(['--resume', str(run)]) == 0 and (run / 'summary.json').exists()
+
+
+def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, good_checkpoint, capsys):
+    checkpoint = torch.load(io.BytesIO(good_checkpoint), weights_only=True)
+    checkpoint['config']['epochs'] = 1  # (the run itself was for 3)
+    torch.save(checkpoint, tmp_path / 'model.pt')
+    assert tm.main(['--resume', str(tmp_path / 'model.pt')]) == 2
+    assert capsys.readouterr().err == 'usage error: --epochs 1 is below the 3 epochs already trained\n'
+
+
+@pytest.mark.parametrize('craft, field', [
+    (lambda c: c['progress'].update(epoch_seed=2**70), 'progress.epoch_seed'),
+    (lambda c: c['progress']['metrics'][0].update(train_loss='low'), 'progress.metrics'),
+    (lambda c: c['rng'].update(torch=torch.zeros_like(c['rng']['torch'])), 'rng'),
+    (lambda c: c['model'].update({'out.bias': c['model']['out.bias'].to_sparse()}), 'holds weights this script never'),
+    (lambda c: c['model']['out.bias'].fill_(float('nan')), 'holds weights this script never'),
+    (lambda c: c.update(tsne={'embeddings': torch.full((2, 5, 2), float('nan')), 'steps': [1, 2],
+                              'titles': ['a', 'b']}), 'tsne'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1, 2], 'titles': ['a', 'b'],
+                              'predictions': torch.full((2, 5), 0.5)}), 'tsne'),
+])
+def test_more_crafted_checkpoints_are_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
+    test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field)
+
+
+@pytest.mark.parametrize('env, expected', [
+    ({'WORLD_SIZE': '1'}, tm.World()),
+    ({'WORLD_SIZE': '2', 'RANK': '1'}, tm.World(1, 2, 0)),  # Kubeflow: one process a pod, no LOCAL_RANK
+])
+def test_launcher_variables_without_torchrun(monkeypatch, env, expected):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert tm.world_from_env() == expected
+
+
+def test_a_stray_world_size_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv('WORLD_SIZE', 'two')
+    assert tm.main(['--help']) == 2
+    assert capsys.readouterr().err.startswith("usage error: RANK=None, WORLD_SIZE='two', LOCAL_RANK=None: ")
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    assert tm.main(['--help']) == 0
+
+
+def test_a_reader_that_stops_reading_does_not_stop_the_run(tmp_path, data_dir, fixture_checksums):
+    run = tmp_path / 'run'
+    process = run_script([*FAST, '--data-dir', data_dir, '--out-dir', run], fixture_checksums,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == 'device: cpu\n'
+    process.stdout.close()  # as `| head -1` does
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert process.stderr.read() == '' and (run / 'summary.json').exists()
+
+
+@pytest.mark.parametrize('under_nohup', [False, True])
+def test_a_closed_terminal_saves_unless_under_nohup(uninterrupted, tmp_path, fixture_checksums, under_nohup):
+    data, _ = uninterrupted
+    run = tmp_path / 'run'
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if under_nohup else None
+    process = run_script([*LONG, '--save-every', '5', '--data-dir', data, '--out-dir', run], fixture_checksums,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+    wait_for(run / 'model.pt', process)
+    process.send_signal(signal.SIGHUP)
+    stdout, stderr = process.communicate(timeout=120)
+    if under_nohup:
+        assert process.returncode == 0 and (run / 'summary.json').exists()
+    else:
+        assert process.returncode == 129 and 'checkpoint saved. Resume with:' in stdout and stderr == ''

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import zlib
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import train_mnist_cnn as tm
-from conftest import drawn_on_a_transparent_canvas, photo_like, write_idx
+from conftest import drawn_on_a_transparent_canvas, photo_like, run_script, write_idx
 
 TRAIN = ['--device', 'cpu', '--epochs', '3', '--batch-size', '20', '--log-interval', '10', '--eval-size', '200',
          '--tsne-points', '100']
@@ -184,8 +185,8 @@ def test_a_folder_of_many_is_streamed_and_the_picture_shows_the_least_confident(
     monkeypatch.setattr(tm, 'PICTURE_MOST', 5)
     pulled, real_images_to_read = [], tm.images_to_read
 
-    def counting(paths):
-        for entry in real_images_to_read(paths):
+    def counting(paths, skip=()):
+        for entry in real_images_to_read(paths, skip):
             pulled.append(entry)
             yield entry
     monkeypatch.setattr(tm, 'images_to_read', counting)
@@ -273,3 +274,130 @@ def test_predict_with_a_training_flag_is_a_usage_error(flags, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith('usage error:') and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / 'out').exists()
+
+
+# Found by trying to break it
+
+def one_photo(glyphs, folder, name='one.png', index=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    photo_like(glyphs['test_images'][index]).save(folder / name)
+    return folder / name
+
+
+def test_ctrl_c_after_the_table_is_written_says_so(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    real = tm.film_for_predictions
+
+    def ctrl_c_then_film(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tm, 'film_for_predictions', ctrl_c_then_film)
+    code, _, err = predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--out-dir',
+                            tmp_path / 'out'], capsys)
+    assert code == 130
+    assert err == f'interrupted while drawing predictions.png; predictions.csv is written in {tmp_path / "out"}\n'
+    assert len(read_csv(tmp_path / 'out' / 'predictions.csv')) == 1
+
+
+def test_16_bit_and_float_scans_are_read_in_their_own_range(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'scans'
+    folder.mkdir()
+    for i, kind in enumerate(('uint16', 'float32')):
+        grey = np.asarray(photo_like(glyphs['test_images'][i]).convert('L'), dtype=np.float64) / 255
+        if kind == 'uint16':  # paper near 40000, ink near 10000: all of it above 8 bits
+            Image.fromarray((10000 + grey * 30000).astype(np.uint16)).save(folder / f'{i}.png')
+        else:
+            Image.fromarray(grey.astype(np.float32)).save(folder / f'{i}.tiff')
+    code, _, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and err == ''
+    assert [int(r['predicted']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == \
+        glyphs['predicted'][:2].tolist()
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'names'
+    folder.mkdir()
+    photo_like(glyphs['test_images'][0]).save(os.path.join(os.fsencode(folder), b'x\xffy.png'))
+    code, out, _ = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and f'{folder}/x\\xffy.png: ' in out
+    assert read_csv(tmp_path / 'out' / 'predictions.csv')[0]['file'] == f'{folder}/x\\xffy.png'
+
+
+@pytest.mark.parametrize('damage', [lambda p: p.write_bytes(os.urandom(300)),
+                                    lambda p: np.savez(p, something_else=np.zeros(3)),
+                                    lambda p: np.savez(p, embeddings=np.full((1, 100, 2), np.nan),
+                                                       labels=np.zeros(100, dtype=np.int64))])
+def test_a_damaged_film_beside_the_model_is_a_note(glyphs, glyph_md5, tmp_path, capsys, damage):
+    run = tmp_path / 'run'
+    shutil.copytree(glyphs['run'], run)
+    damage(run / 'tsne.npz')
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', run, '--data-dir', glyphs['data'],
+                            '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and f'note: no t-SNE panel: {run}/tsne.npz cannot be read' in out
+    assert (tmp_path / 'out' / 'predictions.png').exists()
+
+
+def test_a_pipe_is_not_read_and_nothing_hangs(glyphs, tmp_path, fixture_checksums):
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    os.mkfifo(folder / 'b.png')
+    out = run_script(['--predict', folder, folder / 'b.png', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'],
+                     fixture_checksums, timeout=120)
+    assert out.returncode == 1 and out.stderr == f'{folder}/b.png: not a file (a pipe, a device?)\n'
+    assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == ['one.png']
+
+
+def test_an_output_folder_among_the_inputs_is_not_read_back(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    for _ in range(2):
+        code, _, _ = predict([folder, '--model', glyphs['run'], '--out-dir', folder], capsys)
+        assert code == 0
+    assert [os.path.basename(r['file']) for r in read_csv(folder / 'predictions.csv')] == ['one.png']
+
+
+def test_subfolders_are_read_and_what_is_no_picture_is_left_out(glyphs, glyph_md5, tmp_path, capsys):
+    tree = tmp_path / 'tree'
+    one_photo(glyphs, tree / '0', 'a.png', 0)
+    one_photo(glyphs, tree / '1', 'b.png', 1)
+    (tree / '._a.png').write_bytes(b'\x00\x05\x16\x07 macOS resource fork')
+    (tree / 'notes.pdf').write_bytes(b'%PDF-1.4')
+    code, _, err = predict([tree, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and err == ''
+    assert [r['file'] for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == [f'{tree}/0/a.png',
+                                                                                    f'{tree}/1/b.png']
+
+
+def test_a_bare_state_dict_is_a_model_but_not_a_broken_one(glyphs, glyph_md5, tmp_path, capsys):
+    weights = torch.load(glyphs['run'] / 'model.pt', weights_only=True)['model']
+    torch.save(weights, tmp_path / 'weights.pt')
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', tmp_path / 'weights.pt', '--out-dir',
+                            tmp_path / 'out'], capsys)
+    assert code == 0 and f'model: {tmp_path / "weights.pt"} (no summary.json: its run did not finish)' in out
+    weights['out.bias'][0] = float('nan')
+    torch.save(weights, tmp_path / 'broken.pt')
+    code, _, err = predict([tmp_path / 'in', '--model', tmp_path / 'broken.pt', '--out-dir', tmp_path / 'out2'],
+                           capsys)
+    assert code == 1 and 'holds weights this script never writes' in err
+
+
+def test_reading_leaves_the_data_folder_as_it_was(glyphs, glyph_md5, tmp_path, capsys):
+    raw = tmp_path / 'data' / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    (raw / 't10k-images-idx3-ubyte.gz').write_bytes(b'\x1f\x8b damaged')
+    predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--data-dir', tmp_path / 'data',
+             '--out-dir', tmp_path / 'out'], capsys)
+    assert sorted(p.name for p in raw.iterdir()) == ['t10k-images-idx3-ubyte.gz']
+
+
+def test_specks_too_far_apart_for_a_digit_are_said_so(tmp_path):
+    page = np.full((2000, 2000), 230, dtype=np.uint8)
+    page[10:13, 10:13] = page[1985:1988, 1985:1988] = 20
+    with pytest.raises(ValueError, match='no ink left at 20 pixels'):
+        tm.mnist_like(Image.fromarray(page))
+
+
+def test_a_large_photo_below_pillows_bomb_limit_is_read(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10_000)  # a 130x110 photo is then like a 108 MP one
+    code, _, err = predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--out-dir',
+                            tmp_path / 'out'], capsys)
+    assert code == 0 and err == ''
