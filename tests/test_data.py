@@ -128,6 +128,15 @@ def leftovers(data_dir):
                   or (p.is_file() and p.name.startswith('tmp')))
 
 
+def with_gz_files_only(data_dir, fixture_source):
+    """A data folder holding the four files' .gz only, as torchvision or the tutorial leaves them."""
+    raw = data_dir / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in fixture_source[1]:
+        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    return raw
+
+
 def test_local_files_need_no_fetch(data_dir, monkeypatch):
     monkeypatch.setattr(tm, 'FETCHERS', ())
     log = ensure(data_dir)
@@ -177,10 +186,7 @@ def test_tensors_are_made_from_the_bytes_that_were_checked(data_dir, fixture_sou
 
 def test_a_damaged_gz_with_its_file_missing_is_set_aside_and_the_download_follows(
         empty_data, fixture_source, fixture_checksums, official_mirror):
-    raw = empty_data / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for name in fixture_checksums:
-        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    raw = with_gz_files_only(empty_data, fixture_source)
     gz = raw / 'train-images-idx3-ubyte.gz'
     gz.write_bytes(gz.read_bytes()[:20] + b'\x00' * 64)  # a gzip header, then garbage: zlib fails
     log = ensure(empty_data)
@@ -192,10 +198,7 @@ def test_a_damaged_gz_with_its_file_missing_is_set_aside_and_the_download_follow
 
 
 def test_unpacked_files_get_the_mode_of_the_users_umask(empty_data, fixture_source, fixture_checksums):
-    raw = empty_data / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for name in fixture_checksums:
-        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    raw = with_gz_files_only(empty_data, fixture_source)
     previous = os.umask(0o022)
     try:
         ensure(empty_data, download=False)
@@ -206,10 +209,7 @@ def test_unpacked_files_get_the_mode_of_the_users_umask(empty_data, fixture_sour
 
 def test_a_data_folder_that_cannot_be_written_trains_from_memory(tmp_path, empty_data, fixture_source,
                                                                  fixture_checksums, monkeypatch, capsys):
-    raw = empty_data / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for name in fixture_checksums:
-        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    raw = with_gz_files_only(empty_data, fixture_source)
     real_open = open
 
     def read_only_open(file, mode='r', *args, **kwargs):  # as a read-only folder answers, even to root
@@ -226,10 +226,7 @@ def test_a_data_folder_that_cannot_be_written_trains_from_memory(tmp_path, empty
 
 def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, empty_data, fixture_source,
                                                                      fixture_checksums, monkeypatch, capsys):
-    raw = empty_data / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for name in fixture_checksums:
-        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    raw = with_gz_files_only(empty_data, fixture_source)
     real_fsync = os.fsync
 
     def fsync_then_sigterm(fd):  # SIGTERM arrives while the second unpacked file is being written
@@ -244,10 +241,7 @@ def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, em
 
 
 def test_gz_files_left_by_torchvision_are_unpacked(empty_data, fixture_source, fixture_checksums):
-    raw = empty_data / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for name in fixture_checksums:
-        (raw / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
+    raw = with_gz_files_only(empty_data, fixture_source)
     assert 'local files verified' in ensure(empty_data, download=False)
     assert_fixture_installed(empty_data, fixture_checksums)
 
