@@ -425,18 +425,6 @@ def test_more_crafted_checkpoints_are_one_line_naming_the_field(tmp_path, good_c
     test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field)
 
 
-@pytest.mark.parametrize('env, expected', [
-    ({'WORLD_SIZE': '1'}, tm.World()),
-    ({'WORLD_SIZE': '2', 'RANK': '1'}, tm.World(1, 2, 0)),  # Kubeflow: one process a pod, no LOCAL_RANK
-])
-def test_launcher_variables_without_torchrun(monkeypatch, env, expected):
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert tm.world_from_env() == expected
-
-
 def test_a_stray_world_size_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv('WORLD_SIZE', 'two')
     assert tm.main(['--help']) == 2

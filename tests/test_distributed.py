@@ -86,6 +86,8 @@ def test_batch_smaller_than_the_processes_is_a_usage_error(tmp_path, data_dir, f
 @pytest.mark.parametrize('env, expected', [
     ({}, tm.World()),
     ({'RANK': '1', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}, tm.World(1, 2, 1)),
+    ({'WORLD_SIZE': '1'}, tm.World()),  # a launcher's leftover: a plain run
+    ({'WORLD_SIZE': '2', 'RANK': '1'}, tm.World(1, 2, 0)),  # Kubeflow: one process a pod, no LOCAL_RANK
 ])
 def test_processes_come_from_torchruns_variables(monkeypatch, env, expected):
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
