@@ -14,6 +14,7 @@
     python train_mnist_cnn.py --no-tsne --device cuda # headless, on the GPU
     python train_mnist_cnn.py --resume runs/XYZ       # continue a stopped run
     torchrun --nproc_per_node=2 train_mnist_cnn.py    # data-parallel
+    python train_mnist_cnn.py --predict my-digits/    # read your own handwriting with the newest run
 
 Each run writes to its own folder (runs/<UTC timestamp> by default): model.pt, metrics.csv,
 summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 interrupted.
@@ -126,6 +127,9 @@ def path_name(text):
     return text
 
 
+TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     epochs: int = option(1, 'passes over the 60,000 training images', whole_number(1, 10_000))
@@ -146,7 +150,7 @@ class Config:
                             whole_number(1, 10_000))
     threads: int = option(0, 'CPU threads', whole_number(1, 1024), shown="torch's choice")
     tsne: bool = option(True, 'no t-SNE film: runs headless without scikit-learn', flag='--no-tsne')
-    tsne_points: int = option(500, 'test images in the t-SNE film', whole_number(50, 10_000))
+    tsne_points: int = option(500, 'test images in the t-SNE film', whole_number(TSNE_MIN_POINTS, 10_000))
     download: bool = option(True, 'use local MNIST files only; never fetch', flag='--no-download')
     save_every: int = option(0, 'also write model.pt every N steps', whole_number(1, 10**9),
                              shown='at the end of each epoch only')
@@ -1135,8 +1139,6 @@ def make_config(flags, resumed=None):
                          'or add --no-tsne')
     return config
 
-
-TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that; --tsne-points' own minimum
 
 # -----------------------------------------------------------------------------
 # Data: each file read once, its md5 checked on those very bytes, and the tensors made from the same bytes
