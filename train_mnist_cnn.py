@@ -295,7 +295,7 @@ def train(run, signals):
             if progress.step % config.log_interval == 0:
                 run.check_finite(loss)
                 if world.is_main:
-                    run.log_step(loss.item(), window_images / (time.perf_counter() - window_started))
+                    run.evaluate_and_record(loss.item(), window_images / (time.perf_counter() - window_started))
                 window_started, window_images = time.perf_counter(), 0
 
             # checkpoint every --save-every steps, and before stopping for a signal
@@ -374,7 +374,7 @@ class Run:
         """Seconds of training so far, over every resume."""
         return time.perf_counter() - self.clock_started
 
-    def log_step(self, loss, images_per_second):
+    def evaluate_and_record(self, loss, images_per_second):
         """Score the eval subset, print a line, record the metrics row and queue a film frame."""
         config, progress = self.config, self.progress
         result = evaluate(self.model, self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
@@ -1246,7 +1246,7 @@ def socket_timeout(seconds):
 
 def fetch_official(work, raw):
     """torchvision's own download, from its mirrors, with its progress bar."""
-    import torchvision  # only here: its import costs 1.4-2 s that a run with local data never pays
+    import torchvision  # here, not at the top: before torch.optim has imported torch._dynamo it costs 1.4-2 s
     with socket_timeout(DOWNLOAD_TIMEOUT):
         torchvision.datasets.MNIST(work, train=False, download=True)
     install_verified(raw_folder(work), raw)
@@ -1345,12 +1345,12 @@ def ensure_mnist(data_dir, download, log):
         return files
     for problem in problems:
         log(f'data: {problem}')
-    attempts = [('local files', '; '.join(problems))]
+    attempts, writable = [('local files', '; '.join(problems))], os.access(raw, os.W_OK)
     if not download:
         attempts.append(('download', 'skipped (--no-download)'))
-    elif not os.access(raw, os.W_OK):
+    elif not writable:
         attempts.append(('download', f'{raw} is not writable: give a writable --data-dir'))
-    for what, fetch in FETCHERS if download and os.access(raw, os.W_OK) else ():
+    for what, fetch in FETCHERS if download and writable else ():
         log(f'data: trying the {what}')
         try:
             with tempfile.TemporaryDirectory(dir=data_dir, prefix='.fetch-') as work:
@@ -1526,22 +1526,22 @@ def load_checkpoint(path, flag='--resume', check_fields=True):
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
                        f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
-    if not check_fields and isinstance(checkpoint, dict) and checkpoint.keys() == expected_shapes().keys():
+    shapes = expected_shapes()
+    if not check_fields and isinstance(checkpoint, dict) and checkpoint.keys() == shapes.keys():
         checkpoint = {'model': checkpoint}  # a bare state_dict of this CNN: its weights are all --predict reads
     elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
     model = checkpoint['model']
-    if not isinstance(model, dict) or {k: tuple(getattr(v, 'shape', ())) for k, v in model.items()} \
-            != expected_shapes():
+    if not isinstance(model, dict) or {k: tuple(getattr(v, 'shape', ())) for k, v in model.items()} != shapes:
         raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)')
     if not all(v.layout == torch.strided and v.dtype == torch.float32 and v.device.type == 'cpu'
                and bool(v.isfinite().all()) for v in model.values()):
         raise RunError(f'{flag} {path}: {file} holds weights this script never writes (not finite float32 tensors)')
-    try:
-        if check_fields:
+    if check_fields:
+        try:
             check_checkpoint_fields(checkpoint)
-    except BadField as e:
-        raise RunError(f'{flag} {path}: {file}: {e}') from None
+        except BadField as e:
+            raise RunError(f'{flag} {path}: {file}: {e}') from None
     return checkpoint
 
 
