@@ -194,9 +194,9 @@ def to_device(model, device):
     return model.to(device, memory_format=torch.channels_last if device.type == 'cpu' else torch.preserve_format)
 
 
-def make_optimizer(model, lr, device):
-    # fused Adam updates every parameter in one kernel and keeps its step count on the device: no host sync
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ('cpu', 'cuda') or None)
+def make_optimizer(model, lr):
+    # the arithmetic of torch.optim.Adam, written out below (Adam): torch.optim's first step imports torch._dynamo
+    return Adam(model.parameters(), lr=lr)
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +342,7 @@ class Run:
         self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
         torch.manual_seed(config.seed)
         self.model = to_device(CNN(), device)
-        self.optimizer = make_optimizer(self.model, config.lr, device)
+        self.optimizer = make_optimizer(self.model, config.lr)
         self.progress = Progress()
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint['model'])
@@ -721,10 +721,15 @@ def draw_confusion(fig, confusion):
 def draw_samples(fig, images, labels, cols=8, gap=8):
     """The first images as one grid in one axes (far cheaper to draw than an axes each), each digit's label in
     the gap above it."""
-    from torchvision.utils import make_grid  # about 0.1 s here, once the optimizer has imported torch._dynamo
-    grid = make_grid(torch.from_numpy(images).unsqueeze(1), nrow=cols, padding=gap)
+    # torchvision.utils.make_grid(images, nrow=cols, padding=gap) lays them out the same; importing torchvision
+    # imports torch._dynamo (for its ops), 2 s here, which nothing else in a run with local data needs
+    cell = 28 + gap
+    grid = np.zeros((math.ceil(len(images) / cols) * cell + gap, cols * cell + gap), dtype=images.dtype)
+    for i, image in enumerate(images):
+        row, col = divmod(i, cols)
+        grid[gap + row * cell:][:28, gap + col * cell:][:, :28] = image
     ax = fig.subplots()
-    ax.imshow(grid[0].numpy(), cmap='gray')
+    ax.imshow(grid, cmap='gray')
     for i, label in enumerate(labels):
         row, col = divmod(i, cols)
         ax.text(gap + col * (28 + gap) + 14, row * (28 + gap) + gap / 2, str(label), ha='center', va='center',
@@ -1509,6 +1514,93 @@ def claimed_folder(config, holds_a_run_ok=False):
 
 
 # -----------------------------------------------------------------------------
+# Adam: torch.optim.Adam's arithmetic without its start-up cost. Its first step imports torch._dynamo (torch
+# 2.14: 2.0-2.2 s here, more than the rest of the start-up after `import torch`), which eager training never
+# uses. Same numbers, bit for bit, as torch.optim.Adam(params, lr, foreach=False), and the same state_dict, so a
+# checkpoint loads into either; torch.optim.Adam drops in for it unchanged.
+
+
+class Adam:
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1 ** self.steps)
+        bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.addcdiv_(exp_avg, denominator, value=-step_size)
+
+    def state_dict(self):
+        step = torch.tensor(float(self.steps))
+        return {'state': {i: {'step': step.clone(), 'exp_avg': m.clone(), 'exp_avg_sq': v.clone()}
+                          for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq))},
+                'param_groups': [{'lr': self.lr, 'betas': self.betas, 'eps': self.eps, 'weight_decay': 0,
+                                  'amsgrad': False, 'maximize': False, 'foreach': None, 'capturable': False,
+                                  'differentiable': False, 'fused': None, 'decoupled_weight_decay': False,
+                                  'params': list(range(len(self.params)))}]}
+
+    def load_state_dict(self, state_dict):
+        """Takes a state_dict of this class or of torch.optim.Adam (the settings it ran with, as torch.optim
+        does); raises ValueError naming what does not fit."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {'state', 'param_groups'}:
+            raise ValueError('expected a dict of state and param_groups')
+        groups, state = state_dict['param_groups'], state_dict['state']
+        if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+                and groups[0].get('params') == list(range(len(self.params)))):
+            raise ValueError(f'expected one parameter group of the {len(self.params)} parameters')
+        group = groups[0]
+        for name, plain in (('weight_decay', 0), ('amsgrad', False), ('maximize', False)):
+            if group.get(name, plain) != plain:
+                raise ValueError(f'{name} is {group[name]!r}: this Adam runs with {name} {plain}')
+        lr, betas, eps = group.get('lr'), group.get('betas'), group.get('eps')
+        numbers = [lr, eps, *betas] if isinstance(betas, (tuple, list)) and len(betas) == 2 else None
+        if not numbers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                  for x in numbers) or not (lr > 0 and eps > 0 and 0 <= min(betas) <= max(betas) < 1):
+            raise ValueError(f'lr {lr!r}, betas {betas!r} and eps {eps!r} are not the settings of an Adam')
+        if not isinstance(state, dict) or (state and sorted(state) != list(range(len(self.params)))):
+            raise ValueError(f'expected state for each of the {len(self.params)} parameters, or none')
+        steps = set()
+        for i, p in enumerate(self.params):
+            saved = state.get(i, {})
+            if state and not (isinstance(saved, dict) and set(saved) == {'step', 'exp_avg', 'exp_avg_sq'}):
+                raise ValueError(f'state {i} is not a step, exp_avg and exp_avg_sq')
+            for name in ('exp_avg', 'exp_avg_sq') if state else ():
+                value = saved[name]
+                if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape
+                        and bool(value.isfinite().all()) and (name == 'exp_avg' or bool((value >= 0).all()))):
+                    raise ValueError(f'state {i}: {name} does not fit parameter {i} of shape {tuple(p.shape)}')
+            step = saved.get('step', 0)
+            step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
+                    0 <= step < 2**53 and step == int(step)):
+                raise ValueError(f'state {i}: step {step!r} is not a count of steps')
+            steps.add(int(step))
+        if len(steps) != 1:
+            raise ValueError('the parameters\' step counts differ')
+        self.lr, self.betas, self.eps = float(lr), tuple(float(b) for b in betas), float(eps)
+        self.steps = steps.pop()
+        for i in range(len(self.params)):
+            self.exp_avg[i].copy_(state[i]['exp_avg'] if state else 0)
+            self.exp_avg_sq[i].copy_(state[i]['exp_avg_sq'] if state else 0)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: written atomically; read back as untrusted input, every field checked
 
 CHECKPOINT_KEYS = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
@@ -1610,13 +1702,10 @@ def check_checkpoint_fields(checkpoint):
             raise BadField('rng does not hold random generator states of this torch')
         torch.Generator().set_state(states[0])  # refuses a state the generator could never be in
     with field_named('optimizer'):
-        optimizer = torch.optim.Adam(CNN().parameters())
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        for parameter, state in zip(optimizer.param_groups[0]['params'], checkpoint['optimizer']['state'].values()):
-            if any(state[moment].shape != parameter.shape for moment in ('exp_avg', 'exp_avg_sq')):
-                raise BadField('optimizer state does not fit the model')
-        if len(optimizer.param_groups) != 1 or len(optimizer.param_groups[0]['params']) != len(expected_shapes()):
-            raise BadField('optimizer does not hold the parameters of this CNN')
+        try:
+            Adam(CNN().parameters()).load_state_dict(checkpoint['optimizer'])
+        except ValueError as error:
+            raise BadField(f'optimizer: {error}') from None
     with field_named('tsne'):
         film = checkpoint.get('tsne') or {}
         predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \

@@ -120,7 +120,7 @@ def ours_phase(data_dir, device, epochs, precision='fp32'):
     images, labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
     torch.manual_seed(1)
     model = tm.to_device(tm.CNN(), device)
-    optimizer = tm.make_optimizer(model, LR, device)
+    optimizer = tm.make_optimizer(model, LR)
     started = time.perf_counter()
     for epoch in range(epochs):
         order = tm.epoch_order(tm.draw_epoch_seed(), len(images)).to(device)

@@ -296,7 +296,7 @@ def set_config(name, value):
     (lambda c: c['rng'].update(torch=torch.zeros(10, dtype=torch.uint8)), 'rng'),
     (lambda c: c.update(rng=[]), 'rng'),
     (lambda c: c.update(optimizer={}), 'optimizer'),
-    (lambda c: c['optimizer']['state'][0].update(exp_avg=torch.zeros(3)), 'optimizer state does not fit'),
+    (lambda c: c['optimizer']['state'][0].update(exp_avg=torch.zeros(3)), 'optimizer: state 0: exp_avg does not fit'),
     (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 3), 'steps': [1, 2], 'titles': ['a', 'b']}), 'tsne'),
     (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1, 2], 'titles': ['a', 'b'],
                               'predictions': torch.zeros(2, 4, dtype=torch.int64)}), 'tsne'),
@@ -420,9 +420,36 @@ def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, go
                               'titles': ['a', 'b']}), 'tsne'),
     (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1, 2], 'titles': ['a', 'b'],
                               'predictions': torch.full((2, 5), 0.5)}), 'tsne'),
+    (lambda c: c['optimizer']['param_groups'][0].update(lr='x'), 'optimizer: lr'),
+    (lambda c: c['optimizer']['param_groups'][0].update(betas=(2.0, 0.5)), 'optimizer: lr'),
+    (lambda c: c['optimizer']['param_groups'][0].update(amsgrad=True), 'optimizer: amsgrad'),
+    (lambda c: c['optimizer']['param_groups'][0].update(params=[0, 1]), 'optimizer: expected one parameter group'),
+    (lambda c: c['optimizer']['state'].pop(5), 'optimizer: expected state for each'),
+    (lambda c: c['optimizer']['state'][2].update(step=torch.tensor(-1.0)), 'optimizer: state 2: step'),
+    (lambda c: c['optimizer']['state'][2].update(step=torch.tensor(3.0)), "optimizer: the parameters' step counts"),
+    (lambda c: c['optimizer']['state'][1]['exp_avg'].fill_(float('inf')), 'optimizer: state 1: exp_avg does'),
+    (lambda c: c['optimizer']['state'][1]['exp_avg_sq'].fill_(-1), 'optimizer: state 1: exp_avg_sq does'),
+    (lambda c: c['optimizer']['state'][1].update(extra=1), 'optimizer: state 1 is not'),
 ])
 def test_more_crafted_checkpoints_are_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
     test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field)
+
+
+def test_a_checkpoint_of_torch_optims_fused_adam_resumes(tmp_path, good_checkpoint):
+    """Checkpoints written before Adam was spelled out hold torch.optim.Adam(fused=True)'s state_dict."""
+    checkpoint = torch.load(io.BytesIO(good_checkpoint), weights_only=True)
+    model = tm.CNN()
+    model.load_state_dict(checkpoint['model'])
+    theirs = torch.optim.Adam(model.parameters(), lr=checkpoint['config']['lr'], fused=True)
+    theirs.load_state_dict(checkpoint['optimizer'])
+    checkpoint['optimizer'] = theirs.state_dict()
+    checkpoint['optimizer']['param_groups'][0]['fused'] = True  # (load_state_dict kept the saved group's None)
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save(checkpoint, run / 'model.pt')
+    assert tm.main(['--resume', str(run), '--epochs', str(checkpoint['config']['epochs'] + 1)]) == 0
+    resumed = torch.load(run / 'model.pt', weights_only=True)
+    assert resumed['optimizer']['state'][0]['step'].item() == resumed['step'] > checkpoint['step']
 
 
 def test_a_stray_world_size_is_one_line(monkeypatch, capsys):

@@ -1,12 +1,15 @@
 """Training on the fixture: loss goes down, the three outputs carry their keys, runs are reproducible."""
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import FAST
+from conftest import FAST, ROOT
 
 
 @pytest.fixture
@@ -81,7 +84,7 @@ def test_epoch_order_is_the_tutorial_dataloaders_order():
 def test_train_step_never_waits_for_the_device(monkeypatch):
     """No host sync in the hot loop: the step may not read a value back."""
     model = tm.CNN()
-    optimizer = tm.make_optimizer(model, 0.001, torch.device('cpu'))
+    optimizer = tm.make_optimizer(model, 0.001)
     images, labels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.arange(8)
 
     def refuse(*args):
@@ -127,7 +130,7 @@ def test_bf16_trains_keeps_fp32_checkpoints_and_resumes_across_precisions(tmp_pa
 
 def test_bf16_step_computes_in_bf16_and_updates_fp32_weights():
     model = tm.CNN()
-    optimizer = tm.make_optimizer(model, 0.001, torch.device('cpu'))
+    optimizer = tm.make_optimizer(model, 0.001)
     images, labels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.arange(8)
     seen = []
     model.out.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
@@ -148,3 +151,44 @@ def test_bf16_where_the_chip_has_none_is_a_usage_error(monkeypatch, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith('usage error: --precision bf16') and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / 'run').exists()
+
+
+def steps_of(optimizer, model, batches):
+    for images, labels in batches:
+        tm.train_step(model, optimizer, images, labels, len(labels), 1)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_adam_is_torch_optim_adam_bit_for_bit_and_their_state_dicts_interchange():
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=generator),
+                torch.randint(0, 10, (16,), generator=generator)) for _ in range(12)]
+    torch.manual_seed(1)
+    ours_model = tm.CNN()
+    theirs_model = tm.CNN()
+    theirs_model.load_state_dict(ours_model.state_dict())
+    ours = tm.make_optimizer(ours_model, 0.003)
+    theirs = torch.optim.Adam(theirs_model.parameters(), lr=0.003, foreach=False)
+    assert all(torch.equal(a, b) for a, b in zip(steps_of(ours, ours_model, batches[:6]),
+                                                 steps_of(theirs, theirs_model, batches[:6])))
+    # each takes the other's state and goes on as the other would have
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    ours.load_state_dict(theirs_state)
+    theirs.load_state_dict(ours_state)
+    assert ours.steps == 6 and theirs.state_dict()['param_groups'][0]['lr'] == 0.003
+    assert all(torch.equal(a, b) for a, b in zip(steps_of(ours, ours_model, batches[6:]),
+                                                 steps_of(theirs, theirs_model, batches[6:])))
+
+
+def test_a_training_run_never_imports_torch_dynamo(tmp_path, data_dir, fixture_checksums):
+    """torch.optim's first step imports torch._dynamo, two seconds of start-up here that training never uses."""
+    code = ('import sys, train_mnist_cnn as tm; '
+            f'tm.MNIST_MD5.update({fixture_checksums!r}); code = tm.main(sys.argv[1:]); '
+            'print("imported:", *sorted(m for m in sys.modules if m.startswith("torch._dynamo"))); sys.exit(code)')
+    args = ['--epochs', '1', '--log-interval', '10', '--tsne-points', '100', '--data-dir', data_dir,
+            '--out-dir', tmp_path / 'run']
+    done = subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert 'test accuracy' in done.stdout and (tmp_path / 'run' / 'tsne.gif').exists()
+    assert done.stdout.splitlines()[-1] == 'imported:'

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure
 import pytest
 from PIL import Image, ImageSequence
 
@@ -124,7 +126,6 @@ def test_film_survives_a_resume(tmp_path, data_dir):
 
 def film_figure(labels, total_steps=100):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     figure = tm.FilmFigure(Figure(figsize=tm.FILM_INCHES, dpi=tm.FILM_DPI), labels, total_steps)
     FigureCanvasAgg(figure.fig)
     return figure
@@ -201,3 +202,11 @@ def test_a_film_saved_before_mistakes_were_recorded_resumes(tmp_path, data_dir):
     film = np.load(run / 'tsne.npz')
     assert film['steps'].tolist() == [4, 8, 12, 16, 20, 24]
     assert np.array_equal(film['predictions'][0], film['labels'])
+
+
+def test_the_samples_grid_is_torchvisions_make_grid():
+    from torchvision.utils import make_grid
+    images = np.random.default_rng(0).integers(0, 256, (11, 28, 28), dtype=np.uint8)
+    fig = tm.draw_samples(Figure(), images, list(range(11)), cols=4, gap=5)
+    expected = make_grid(torch.from_numpy(images).unsqueeze(1), nrow=4, padding=5)[0].numpy()
+    assert np.array_equal(np.asarray(fig.axes[0].images[0].get_array()), expected)
