@@ -116,11 +116,12 @@ def ours_phase(data_dir, device, epochs, precision='fp32'):
     import torch
     sys.path.insert(0, ROOT)
     import train_mnist_cnn as tm
+    tm.keep_freed_memory()  # as the script does before training
     mnist = tm.load_mnist(data_dir, False, tm.World(), lambda message: None)
     images, labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
     torch.manual_seed(1)
     model = tm.to_device(tm.CNN(), device)
-    optimizer = tm.make_optimizer(model, LR)
+    optimizer = tm.make_optimizer(model, LR, device)
     started = time.perf_counter()
     for epoch in range(epochs):
         order = tm.epoch_order(tm.draw_epoch_seed(), len(images)).to(device)
