@@ -21,7 +21,7 @@ summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 1
 
 Reading order: the configuration, the network, the training step and evaluation, the training loop, the
 t-SNE film, the pictures, reading your own handwriting (--predict); below them the machinery (flags, data,
-files, checkpoints, processes, signals), then main.
+files, the run folder, Adam, checkpoints, processes, signals), then main.
 """
 import argparse
 import collections
@@ -1255,7 +1255,7 @@ def socket_timeout(seconds):
 
 def fetch_official(work, raw):
     """torchvision's own download, from its mirrors, with its progress bar."""
-    import torchvision  # here, not at the top: before torch.optim has imported torch._dynamo it costs 1.4-2 s
+    import torchvision  # here, not at the top: it imports torch._dynamo (2 s here), which training never needs
     with socket_timeout(DOWNLOAD_TIMEOUT):
         torchvision.datasets.MNIST(work, train=False, download=True)
     install_verified(raw_folder(work), raw)
@@ -1799,11 +1799,13 @@ def keep_freed_memory():
     heap for reuse instead (8-23 a step), one epoch took 130k minor page faults instead of 980k and trained in
     14.2-14.6 s instead of 17.1 s; the peak resident memory went from 0.79 to 0.83-0.85 GB. Other C libraries
     have no such knob and keep their own ways."""
+    if not sys.platform.startswith('linux'):
+        return
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD at glibc's maximum: blocks below 32 MiB come from the heap
         libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: up to 1 GiB freed at the heap's top stays for reuse
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+    except (OSError, AttributeError):  # a C library without mallopt
         pass
 
 
