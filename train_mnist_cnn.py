@@ -203,6 +203,15 @@ def make_optimizer(model, lr, device):
     return Adam(model.parameters(), lr=lr)
 
 
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's Adam state, whichever Adam wrote it. torch.optim's load_state_dict takes the saved group's
+    settings, `fused` and `foreach` among them: a torch.optim optimizer keeps its own."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        own = {key: optimizer.param_groups[0][key] for key in ('fused', 'foreach')}
+        state = {**state, 'param_groups': [{**state['param_groups'][0], **own}]}
+    optimizer.load_state_dict(state)
+
+
 # -----------------------------------------------------------------------------
 # Batches, the training step and evaluation
 
@@ -350,7 +359,7 @@ class Run:
         self.progress = Progress()
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint['model'])
-            self.optimizer.load_state_dict(checkpoint['optimizer'])
+            load_optimizer_state(self.optimizer, checkpoint['optimizer'])
             self.progress = Progress(**checkpoint['progress'])
             if self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch:
                 raise RunError(f'--resume: the checkpoint\'s progress (epoch {self.progress.epoch}, step '
@@ -727,7 +736,7 @@ def draw_samples(fig, images, labels, cols=8, gap=8):
     the gap above it."""
     # torchvision.utils.make_grid(images, nrow=cols, padding=gap) lays them out the same; importing torchvision
     # imports torch._dynamo (for its ops), 2 s here, which nothing else in a run with local data needs
-    cell = 28 + gap
+    cols, cell = min(cols, len(images)), 28 + gap
     grid = np.zeros((math.ceil(len(images) / cols) * cell + gap, cols * cell + gap), dtype=images.dtype)
     for i, image in enumerate(images):
         row, col = divmod(i, cols)
@@ -1574,7 +1583,7 @@ class Adam:
                 raise ValueError(f'{name} is {group[name]!r}: this Adam runs with {name} {plain}')
         lr, betas, eps = group.get('lr'), group.get('betas'), group.get('eps')
         numbers = [lr, eps, *betas] if isinstance(betas, (tuple, list)) and len(betas) == 2 else None
-        if not numbers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        if not numbers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e300
                                   for x in numbers) or not (lr > 0 and eps > 0 and 0 <= min(betas) <= max(betas) < 1):
             raise ValueError(f'lr {lr!r}, betas {betas!r} and eps {eps!r} are not the settings of an Adam')
         if not isinstance(state, dict) or (state and sorted(state) != list(range(len(self.params)))):
@@ -1586,6 +1595,8 @@ class Adam:
                 raise ValueError(f'state {i} is not a step, exp_avg and exp_avg_sq')
             for name in ('exp_avg', 'exp_avg_sq') if state else ():
                 value = saved[name]
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    value = value.detach().to(p.dtype)  # as it will be held: a float64 1e300 is inf in float32
                 if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape
                         and bool(value.isfinite().all()) and (name == 'exp_avg' or bool((value >= 0).all()))):
                     raise ValueError(f'state {i}: {name} does not fit parameter {i} of shape {tuple(p.shape)}')
@@ -1656,7 +1667,7 @@ def field_named(name):
         yield
     except BadField:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError, OverflowError) as e:
         raise BadField(f'{name}: {" ".join(str(e).split())[:160] or type(e).__name__}') from None
 
 
@@ -1706,10 +1717,15 @@ def check_checkpoint_fields(checkpoint):
             raise BadField('rng does not hold random generator states of this torch')
         torch.Generator().set_state(states[0])  # refuses a state the generator could never be in
     with field_named('optimizer'):
+        adam = Adam(CNN().parameters())
         try:
-            Adam(CNN().parameters()).load_state_dict(checkpoint['optimizer'])
+            adam.load_state_dict(checkpoint['optimizer'])
         except ValueError as error:
             raise BadField(f'optimizer: {error}') from None
+        if adam.lr != checkpoint['config']['lr']:
+            raise BadField(f'optimizer: lr {adam.lr!r} is not config.lr {checkpoint["config"]["lr"]!r}')
+        if adam.steps != checkpoint['step']:  # (one Adam step a global step, under torchrun too)
+            raise BadField(f'optimizer: {adam.steps} steps taken, where the run took {checkpoint["step"]}')
     with field_named('tsne'):
         film = checkpoint.get('tsne') or {}
         predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
@@ -1795,8 +1811,8 @@ def resolve_device(name, world):
 
 def keep_freed_memory():
     """glibc gives large freed blocks back to the OS (mapped ones, and the heap's top past a threshold), so a
-    step's activations, mapped afresh, page-fault on first touch: 1400-2300 faults a step here. Kept in the
-    heap for reuse instead (8-23 a step), one epoch took 130k minor page faults instead of 980k and trained in
+    step's activations, mapped afresh, page-fault on first touch: 970-3650 faults a step here. Kept in the
+    heap for reuse instead (0-61 a step), one epoch took 130k minor page faults instead of 980k and trained in
     14.2-14.6 s instead of 17.1 s; the peak resident memory went from 0.79 to 0.83-0.85 GB. Other C libraries
     have no such knob and keep their own ways."""
     if not sys.platform.startswith('linux'):

@@ -430,6 +430,13 @@ def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, go
     (lambda c: c['optimizer']['state'][1]['exp_avg'].fill_(float('inf')), 'optimizer: state 1: exp_avg does'),
     (lambda c: c['optimizer']['state'][1]['exp_avg_sq'].fill_(-1), 'optimizer: state 1: exp_avg_sq does'),
     (lambda c: c['optimizer']['state'][1].update(extra=1), 'optimizer: state 1 is not'),
+    (lambda c: c['optimizer']['param_groups'][0].update(lr=10**400), 'optimizer: lr'),
+    (lambda c: c['optimizer']['state'][1].update(exp_avg_sq=c['optimizer']['state'][1]['exp_avg_sq'].double() + 1e300),
+     'optimizer: state 1: exp_avg_sq does'),
+    (lambda c: c['optimizer']['param_groups'][0].update(lr=50.0), 'optimizer: lr 50.0 is not config.lr'),
+    (lambda c: c['optimizer'].update(state={}), 'optimizer: 0 steps taken, where the run took'),
+    (lambda c: [s.update(step=torch.tensor(0.0)) for s in c['optimizer']['state'].values()],
+     'optimizer: 0 steps taken, where the run took'),
 ])
 def test_more_crafted_checkpoints_are_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
     test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field)

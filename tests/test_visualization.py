@@ -204,9 +204,10 @@ def test_a_film_saved_before_mistakes_were_recorded_resumes(tmp_path, data_dir):
     assert np.array_equal(film['predictions'][0], film['labels'])
 
 
-def test_the_samples_grid_is_torchvisions_make_grid():
+@pytest.mark.parametrize('count', [3, 4, 11, 32])
+def test_the_samples_grid_is_torchvisions_make_grid(count):
     from torchvision.utils import make_grid
-    images = np.random.default_rng(0).integers(0, 256, (11, 28, 28), dtype=np.uint8)
-    fig = tm.draw_samples(Figure(), images, list(range(11)), cols=4, gap=5)
+    images = np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    fig = tm.draw_samples(Figure(), images, list(range(count)), cols=4, gap=5)
     expected = make_grid(torch.from_numpy(images).unsqueeze(1), nrow=4, padding=5)[0].numpy()
     assert np.array_equal(np.asarray(fig.axes[0].images[0].get_array()), expected)
