@@ -745,8 +745,8 @@ def draw_samples(fig, images, labels, cols=8, gap=8):
     ax.imshow(grid, cmap='gray')
     for i, label in enumerate(labels):
         row, col = divmod(i, cols)
-        ax.text(gap + col * (28 + gap) + 14, row * (28 + gap) + gap / 2, str(label), ha='center', va='center',
-                color='white', fontsize=8)
+        ax.text(gap + col * cell + 14, row * cell + gap / 2, str(label), ha='center', va='center', color='white',
+                fontsize=8)
     ax.set_title('First training images and their labels')
     ax.axis('off')
     return fig
@@ -1936,7 +1936,6 @@ def stop_message(status, stopped, world):
         return (f'interrupted while writing the final outputs; training is done and saved in {status.out_dir}. '
                 f'Write them with: {resume_command(status.out_dir, world)}')
     return 'interrupted before training started; nothing was written'
-
 
 
 # -----------------------------------------------------------------------------

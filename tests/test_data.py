@@ -226,7 +226,7 @@ def test_a_data_folder_that_cannot_be_written_trains_from_memory(tmp_path, empty
 
 def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, empty_data, fixture_source,
                                                                      fixture_checksums, monkeypatch, capsys):
-    raw = with_gz_files_only(empty_data, fixture_source)
+    with_gz_files_only(empty_data, fixture_source)
     real_fsync = os.fsync
 
     def fsync_then_sigterm(fd):  # SIGTERM arrives while the second unpacked file is being written
@@ -241,7 +241,7 @@ def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, em
 
 
 def test_gz_files_left_by_torchvision_are_unpacked(empty_data, fixture_source, fixture_checksums):
-    raw = with_gz_files_only(empty_data, fixture_source)
+    with_gz_files_only(empty_data, fixture_source)
     assert 'local files verified' in ensure(empty_data, download=False)
     assert_fixture_installed(empty_data, fixture_checksums)
 
