@@ -211,3 +211,28 @@ def test_the_samples_grid_is_torchvisions_make_grid(count):
     fig = tm.draw_samples(Figure(), images, list(range(count)), cols=4, gap=5)
     expected = make_grid(torch.from_numpy(images).unsqueeze(1), nrow=4, padding=5)[0].numpy()
     assert np.array_equal(np.asarray(fig.axes[0].images[0].get_array()), expected)
+
+
+def test_every_label_of_the_pictures_lies_inside_them(tmp_path, monkeypatch):
+    """Their margins are fixed: the widest labels a run can produce still fit."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    figures = {}
+    real_save = tm.save_figure
+    monkeypatch.setattr(tm, 'save_figure', lambda fig, path: (figures.update({os.path.basename(path): fig}),
+                                                               real_save(fig, path)))
+    steps = range(5000, 120001, 5000)
+    metrics = [{'step': s, 'train_loss': 20 * 0.6 ** i, 'eval_accuracy': min(0.1 + i / 20, 1.0)}
+               for i, s in enumerate(steps)]
+    confusion = np.random.default_rng(0).integers(0, 10, (10, 10)) + np.diag([10000] * 10)
+    images = np.random.default_rng(0).integers(0, 256, (32, 28, 28), dtype=np.uint8)
+    tm.draw_pictures(tmp_path, metrics, confusion, images, list(range(10)) * 3 + [0, 1])
+    assert sorted(figures) == ['confusion.png', 'curves.png', 'samples.png']
+    for name, fig in figures.items():
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        for ax in fig.axes:  # its title, axis labels and the tick labels drawn
+            box = ax.get_tightbbox(renderer)
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, \
+                (name, ax.get_title(), box)
+        assert Image.open(tmp_path / name).size == (fig.bbox.width, fig.bbox.height)
