@@ -831,15 +831,24 @@ def images_to_read(paths, skip=()):
             yield path, 'not a file (a pipe, a device?)' if os.path.exists(path) else 'no such file'
 
 
+@contextlib.contextmanager
+def opened_image(path):
+    """Pillow's image at `path`, decoded. A large phone photo (up to Pillow's bomb limit, 179 MP) is welcome:
+    Pillow's warning below that limit is silenced; above it Pillow raises DecompressionBombError."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            yield image
+
+
 def read_image(path):
     """The image at `path` as the network should see it."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with warnings.catch_warnings():  # a large phone photo (up to Pillow's bomb limit, 179 MP) is welcome
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return mnist_like(image)
+        with opened_image(path) as image:
+            return mnist_like(image)
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
     except Image.DecompressionBombError as e:
@@ -1015,14 +1024,11 @@ def draw_predictions(shown, total, film):
 
 def as_given(path, size=96):
     """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
-    from PIL import Image
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # it was read once already
-            with Image.open(path) as image:
-                given = on_white(image)
-                given.thumbnail((size, size))
-                return np.asarray(given)
+        with opened_image(path) as image:
+            given = on_white(image)
+            given.thumbnail((size, size))
+            return np.asarray(given)
     except (OSError, ValueError):  # changed on disk since it was read
         return np.full((size, size, 3), 255, dtype=np.uint8)
 
