@@ -1070,6 +1070,11 @@ class Stopped(Exception):
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
+
+def is_number(value, kinds=(int, float)):
+    """For values read back from files: True and False are ints to Python, never numbers here."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
 # -----------------------------------------------------------------------------
 # Flags: the parser is built from Config's fields; saved settings pass the same checks
 
@@ -1588,8 +1593,8 @@ class Adam:
                 raise ValueError(f'{name} is {group[name]!r}: this Adam runs with {name} {plain}')
         lr, betas, eps = group.get('lr'), group.get('betas'), group.get('eps')
         numbers = [lr, eps, *betas] if isinstance(betas, (tuple, list)) and len(betas) == 2 else None
-        if not numbers or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e300
-                                  for x in numbers) or not (lr > 0 and eps > 0 and 0 <= min(betas) <= max(betas) < 1):
+        if not numbers or not all(is_number(x) and abs(x) < 1e300 for x in numbers) \
+                or not (lr > 0 and eps > 0 and 0 <= min(betas) <= max(betas) < 1):
             raise ValueError(f'lr {lr!r}, betas {betas!r} and eps {eps!r} are not the settings of an Adam')
         if not isinstance(state, dict) or (state and sorted(state) != list(range(len(self.params)))):
             raise ValueError(f'expected state for each of the {len(self.params)} parameters, or none')
@@ -1607,8 +1612,7 @@ class Adam:
                     raise ValueError(f'state {i}: {name} does not fit parameter {i} of shape {tuple(p.shape)}')
             step = saved.get('step', 0)
             step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-            if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
-                    0 <= step < 2**53 and step == int(step)):
+            if not (is_number(step) and 0 <= step < 2**53 and step == int(step)):
                 raise ValueError(f'state {i}: step {step!r} is not a count of steps')
             steps.add(int(step))
         if len(steps) != 1:
@@ -1705,13 +1709,11 @@ def check_checkpoint_fields(checkpoint):
                 raise BadField(f'progress.{name} is unknown to this version of the script')
             number = (int, float) if kinds[name] is float else int
             if kinds[name] is list:
-                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS and all(
-                        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                        for x in row.values()) for row in value):
+                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS
+                           and all(is_number(x) and math.isfinite(x) for x in row.values()) for row in value):
                     raise BadField(f'progress.{name} holds rows that are not numbers for '
                                    f'{", ".join(METRICS_COLUMNS)}')
-            elif isinstance(value, bool) or not isinstance(value, number) or not (
-                    math.isfinite(value) and 0 <= value < 2**63):
+            elif not (is_number(value, number) and math.isfinite(value) and 0 <= value < 2**63):
                 raise BadField(f'progress.{name} is {value!r}, not a {kinds[name].__name__} from 0 to 2**63')
         if (checkpoint['epoch'], checkpoint['step']) != (progress.get('epoch', 0), progress.get('step', 0)):
             raise BadField('epoch and step disagree with progress')
