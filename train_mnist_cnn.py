@@ -833,28 +833,27 @@ def images_to_read(paths, skip=()):
 
 @contextlib.contextmanager
 def opened_image(path):
-    """Pillow's image at `path`, decoded. A large phone photo (up to Pillow's bomb limit, 179 MP) is welcome:
-    Pillow's warning below that limit is silenced; above it Pillow raises DecompressionBombError."""
-    from PIL import Image
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            image.load()
-            yield image
-
-
-def read_image(path):
-    """The image at `path` as the network should see it."""
+    """Pillow's image at `path`, decoded; ValueError saying why for a file that is none. A large phone photo
+    (up to Pillow's bomb limit, 179 MP) is welcome: Pillow's warning below that limit is silenced."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with opened_image(path) as image:
-            return mnist_like(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                yield image
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
     except Image.DecompressionBombError as e:
         raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
     except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
         raise ValueError(f'cannot be read ({e})') from None
+
+
+def read_image(path):
+    """The image at `path` as the network should see it."""
+    with opened_image(path) as image:
+        return mnist_like(image)
 
 
 def read_entry(entry):
@@ -1029,7 +1028,7 @@ def as_given(path, size=96):
             given = on_white(image)
             given.thumbnail((size, size))
             return np.asarray(given)
-    except (OSError, ValueError):  # changed on disk since it was read
+    except ValueError:  # changed on disk since it was read
         return np.full((size, size, 3), 255, dtype=np.uint8)
 
 

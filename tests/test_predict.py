@@ -401,3 +401,16 @@ def test_a_large_photo_below_pillows_bomb_limit_is_read(glyphs, glyph_md5, tmp_p
     code, _, err = predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--out-dir',
                             tmp_path / 'out'], capsys)
     assert code == 0 and err == ''
+
+
+@pytest.mark.parametrize('now', ['a bomb', 'damaged', 'gone'])
+def test_an_image_changed_after_it_was_read_is_a_blank_in_the_picture(tmp_path, monkeypatch, now):
+    path = tmp_path / 'a.png'
+    Image.fromarray(np.full((200, 200), 128, dtype=np.uint8)).save(path)
+    if now == 'a bomb':
+        monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10_000)  # Pillow refuses above twice this
+    elif now == 'damaged':
+        path.write_bytes(path.read_bytes()[:60])
+    else:
+        path.unlink()
+    assert np.array_equal(tm.as_given(str(path)), np.full((96, 96, 3), 255, dtype=np.uint8))
