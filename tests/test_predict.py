@@ -1,4 +1,4 @@
-"""Your own handwriting: --predict on digit images, prepared the way MNIST's were; all offline, on fixture digits."""
+"""Your own handwriting: predict_digits.py on digit images, prepared the way MNIST's were; offline, on fixture digits."""
 import csv
 import hashlib
 import json
@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import predict_digits as pd
 import train_mnist_cnn as tm
-from conftest import drawn_on_a_transparent_canvas, photo_like, run_script, write_idx
+from conftest import (PREDICT_SCRIPT, drawn_on_a_transparent_canvas, inline_metadata, photo_like, run_script,
+                      write_idx)
 
 TRAIN = ['--device', 'cpu', '--epochs', '3', '--batch-size', '20', '--log-interval', '10', '--eval-size', '200',
          '--tsne-points', '100']
@@ -29,7 +31,7 @@ def glyph_digits(count, rng):
         font = ImageFont.load_default(size=int(rng.integers(26, 40)))
         ImageDraw.Draw(sheet).text((int(rng.integers(4, 24)), int(rng.integers(0, 16))), str(label), fill=255,
                                    font=font)
-        images.append(tm.mnist_like(sheet.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)))
+        images.append(pd.mnist_like(sheet.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)))
     return np.stack(images), labels.astype(np.uint8)
 
 
@@ -64,7 +66,7 @@ def glyph_md5(glyphs, monkeypatch):
 
 
 def predict(args, capsys):
-    code = tm.main(['--predict', *map(str, args)])
+    code = pd.main([*map(str, args)])
     captured = capsys.readouterr()
     assert 'Traceback' not in captured.out + captured.err
     return code, captured.out, captured.err
@@ -116,7 +118,7 @@ def test_preparation_centres_the_mass_and_scales_the_longer_side_to_20(glyphs, s
     else:
         sheet[5:35, 80:110] = 30
         sheet[5:12, 80:90] = 0  # heavier in one corner: the mass is off the box's centre
-    seen = tm.mnist_like(Image.fromarray(sheet))
+    seen = pd.mnist_like(Image.fromarray(sheet))
     weights = seen.astype(np.float64)
     rows, cols = np.indices(seen.shape)  # pixel (14, 14) is where MNIST's centres of mass lie
     centre = ((rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum())
@@ -129,8 +131,8 @@ def test_preparation_centres_the_mass_and_scales_the_longer_side_to_20(glyphs, s
 def test_polarity_is_found_for_both_paper_colours(glyphs):
     digit = glyphs['test_images'][5]
     photo = photo_like(digit, paper=215, ink=25)
-    on_paper = tm.mnist_like(photo)
-    on_a_board = tm.mnist_like(Image.fromarray(255 - np.asarray(photo)))  # the same, light chalk on a dark board
+    on_paper = pd.mnist_like(photo)
+    on_a_board = pd.mnist_like(Image.fromarray(255 - np.asarray(photo)))  # the same, light chalk on a dark board
     assert np.array_equal(on_paper, on_a_board)
     assert on_paper[0, 0] == 0 and on_paper.max() > 200
     assert np.corrcoef(on_paper.ravel(), digit.ravel())[0, 1] > 0.9  # and it is the digit that was photographed
@@ -181,21 +183,21 @@ def test_a_folder_of_many_is_streamed_and_the_picture_shows_the_least_confident(
     folder.mkdir()
     for i, digit in enumerate(glyphs['test_images'][:30]):
         photo_like(digit).save(folder / f'{i:03}.png')
-    monkeypatch.setattr(tm, 'PREDICT_BATCH', 4)
-    monkeypatch.setattr(tm, 'PICTURE_MOST', 5)
-    pulled, real_images_to_read = [], tm.images_to_read
+    monkeypatch.setattr(pd, 'PREDICT_BATCH', 4)
+    monkeypatch.setattr(pd, 'PICTURE_MOST', 5)
+    pulled, real_images_to_read = [], pd.images_to_read
 
     def counting(paths, skip=()):
         for entry in real_images_to_read(paths, skip):
             pulled.append(entry)
             yield entry
-    monkeypatch.setattr(tm, 'images_to_read', counting)
-    real_read, pulled_before_first_prediction = tm.read_image, []
-    monkeypatch.setattr(tm, 'read_image', lambda path: pulled_before_first_prediction.append(len(pulled))
-                        or real_read(path))
+    monkeypatch.setattr(pd, 'images_to_read', counting)
+    real_read, pulled_before_first_prediction = pd.mnist_like, []
+    monkeypatch.setattr(pd, 'mnist_like', lambda image: pulled_before_first_prediction.append(len(pulled))
+                        or real_read(image))
     drawn = {}
-    real_draw = tm.draw_predictions
-    monkeypatch.setattr(tm, 'draw_predictions', lambda shown, total, film: drawn.update(shown=shown, total=total)
+    real_draw = pd.draw_predictions
+    monkeypatch.setattr(pd, 'draw_predictions', lambda shown, total, film: drawn.update(shown=shown, total=total)
                         or real_draw(shown, total, film))
     code, out, _ = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
     assert code == 0 and max(pulled_before_first_prediction[:4]) <= 4  # a batch at a time, not the whole folder
@@ -207,7 +209,7 @@ def test_a_folder_of_many_is_streamed_and_the_picture_shows_the_least_confident(
 
 def test_the_t_sne_panel_needs_the_runs_film_and_the_data(glyphs, glyph_md5, tmp_path, capsys):
     photo_like(glyphs['test_images'][0]).save(tmp_path / 'one.png')
-    film = tm.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
+    film = pd.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
                                    print)
     assert film['embedding'].shape == (100, 2) and film['features'].shape == (100, 1568)
     _, out, _ = predict([tmp_path / 'one.png', '--model', glyphs['run'], '--data-dir', tmp_path / 'nodata',
@@ -230,9 +232,9 @@ def model_of(glyphs):
 
 
 def test_an_image_of_a_shown_test_digit_lands_among_its_neighbours(glyphs, glyph_md5):
-    film = tm.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
+    film = pd.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
                                    print)
-    figure = tm.draw_predictions([(0.5, 0, 'x.png', glyphs['test_images'][7], np.full(10, 0.1),
+    figure = pd.draw_predictions([(0.5, 0, 'x.png', glyphs['test_images'][7], np.full(10, 0.1),
                                    film['features'][7])], 1, film)
     stars = [c for ax in figure.axes for c in ax.collections if c.get_offsets().shape == (1, 2)]
     position = stars[0].get_offsets()[0]
@@ -262,18 +264,35 @@ def test_no_model_anywhere_says_how_to_train_one(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / 'runs').exists()
 
 
-@pytest.mark.parametrize('flags, message', [
-    (['--predict', 'x.png', '--epochs', '2'], '--epochs is a training flag; it does not go with --predict'),
-    (['--predict', 'x.png', '--no-tsne'], '--no-tsne is a training flag'),
-    (['--predict', 'x.png', '--resume', 'runs/a'], '--resume is a training flag'),
-    (['--model', 'runs/a'], '--model goes with --predict'),
-    (['--predict'], 'expected at least one argument'),
+@pytest.mark.parametrize('main, flags, message', [
+    (pd.main, ['x.png', '--epochs', '2'], 'unrecognized arguments: --epochs 2'),
+    (pd.main, ['x.png', '--no-tsne'], 'unrecognized arguments: --no-tsne'),
+    (pd.main, ['x.png', '--device', 'gpu'], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    (pd.main, ['x.png', '--threads', '0'], 'argument --threads: must be between 1 and 1024'),
+    (pd.main, [], 'the following arguments are required: IMAGE_OR_FOLDER'),
+    (tm.main, ['--predict', 'x.png'], 'reading digit images has its own script: python predict_digits.py'),
+    (tm.main, ['--model', 'runs/a'], 'reading digit images has its own script: python predict_digits.py'),
 ])
-def test_predict_with_a_training_flag_is_a_usage_error(flags, message, tmp_path, capsys):
-    assert tm.main([*flags, '--out-dir', str(tmp_path / 'out')]) == 2
+def test_a_flag_of_the_other_script_is_a_usage_error(main, flags, message, tmp_path, capsys):
+    assert main([*flags, '--out-dir', str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err
-    assert err.startswith('usage error:') and message in err and len(err.splitlines()) == 1
+    assert err.startswith('usage error:') and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / 'out').exists()
+
+
+def test_help_says_what_it_reads_and_takes_the_trainers_device_flags(capsys):
+    assert pd.main(['--help']) == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    for flag in ('IMAGE_OR_FOLDER', '--model PATH', '--out-dir DIR', '--device DEV', '--threads N', '--data-dir DIR'):
+        assert flag in text
+    assert 'default: the newest runs/*/model.pt)' in text and 'default: auto)' in text
+    assert 'exit codes: 0 done, 1 an image could not be read' in text
+
+
+def test_inline_script_metadata_needs_no_more_than_the_trainer():
+    trainer, predictor = inline_metadata(tm.__file__), inline_metadata(pd.__file__)
+    assert set(predictor['dependencies']) <= set(trainer['dependencies'])
+    assert predictor['requires-python'] == trainer['requires-python']
 
 
 # Found by trying to break it
@@ -285,12 +304,12 @@ def one_photo(glyphs, folder, name='one.png', index=0):
 
 
 def test_ctrl_c_after_the_table_is_written_says_so(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
-    real = tm.film_for_predictions
+    real = pd.film_for_predictions
 
     def ctrl_c_then_film(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
-    monkeypatch.setattr(tm, 'film_for_predictions', ctrl_c_then_film)
+    monkeypatch.setattr(pd, 'film_for_predictions', ctrl_c_then_film)
     code, _, err = predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--out-dir',
                             tmp_path / 'out'], capsys)
     assert code == 130
@@ -340,8 +359,8 @@ def test_a_pipe_is_not_read_and_nothing_hangs(glyphs, tmp_path, fixture_checksum
     folder = tmp_path / 'in'
     one_photo(glyphs, folder)
     os.mkfifo(folder / 'b.png')
-    out = run_script(['--predict', folder, folder / 'b.png', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'],
-                     fixture_checksums, timeout=120)
+    out = run_script([folder, folder / 'b.png', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'],
+                     fixture_checksums, timeout=120, script=PREDICT_SCRIPT)
     assert out.returncode == 1 and out.stderr == f'{folder}/b.png: not a file (a pipe, a device?)\n'
     assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == ['one.png']
 
@@ -393,7 +412,7 @@ def test_specks_too_far_apart_for_a_digit_are_said_so(tmp_path):
     page = np.full((2000, 2000), 230, dtype=np.uint8)
     page[10:13, 10:13] = page[1985:1988, 1985:1988] = 20
     with pytest.raises(ValueError, match='no ink left at 20 pixels'):
-        tm.mnist_like(Image.fromarray(page))
+        pd.mnist_like(Image.fromarray(page))
 
 
 def test_a_large_photo_below_pillows_bomb_limit_is_read(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
@@ -413,4 +432,4 @@ def test_an_image_changed_after_it_was_read_is_a_blank_in_the_picture(tmp_path, 
         path.write_bytes(path.read_bytes()[:60])
     else:
         path.unlink()
-    assert np.array_equal(tm.as_given(str(path)), np.full((96, 96, 3), 255, dtype=np.uint8))
+    assert np.array_equal(pd.as_given(str(path)), np.full((96, 96, 3), 255, dtype=np.uint8))

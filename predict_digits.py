@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "torch>=2.4",
+#     "matplotlib>=3.9",
+# ]
+# ///
+"""Read your own handwritten digits with a CNN that train_mnist_cnn.py trained.
+
+    python predict_digits.py my-digits/              # photos, scans, drawings: files or folders
+    python predict_digits.py 7.png --model runs/XYZ  # a run folder or a checkpoint; default: the newest run
+
+Each image is prepared the way MNIST's digits were made, then predicted: a line per image, and in its own folder
+(runs/<UTC timestamp> by default) predictions.csv and predictions.png. Exit codes: 0 done, 1 an image could not
+be read or a runtime error, 2 usage error, 130/143 interrupted.
+"""
+import concurrent.futures
+import contextlib
+import csv
+import enum
+import glob
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+import zipfile
+
+if __name__ == '__main__':  # Ctrl-C while torch is imported (the first seconds) ends quietly, not in a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import numpy as np
+import torch
+
+import train_mnist_cnn as tm
+from train_mnist_cnn import CNN, to_unit_range
+
+MIN_INK_CONTRAST = 40  # grey levels between the paper and the darkest ink below which an image is blank
+PAPER_NOISE = 0.1      # the share of the ink's contrast below which a pixel is paper
+INK_FOR_THE_BOX = 0.3  # and the share from which it counts towards the ink's box
+PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat however many there are
+PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
+
+# -----------------------------------------------------------------------------
+# Images read as MNIST's digits were made, predicted a batch at a time, and pictured
+
+
+def mnist_like(image):
+    """A digit image (PIL) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black, the ink's
+    box scaled so its longer side is 20 pixels (aspect kept, antialiased), placed in 28x28 with its centre of mass on
+    pixel (14, 14), where MNIST's own lie (14.0 +- 0.3 in rows and columns). 28x28 uint8, as the IDX files hold."""
+    from PIL import Image, ImageOps
+    if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
+        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float32)  # not clipped to 8 bits
+        grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
+    else:
+        grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 127:  # light paper: the ink becomes light on dark, as in MNIST
+        grey, border = 255 - grey, 255 - border
+    paper, ink = np.median(border), grey.max()
+    if ink - paper < MIN_INK_CONTRAST:
+        raise ValueError('no ink: the image is blank')
+    level = np.clip((grey - paper) / (ink - paper), 0, 1)
+    level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
+    digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
+    digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
+    scale = 20 / max(digit.size)
+    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
+                         Image.Resampling.LANCZOS)
+    weights = np.asarray(digit, dtype=np.float64)
+    if not weights.any():
+        raise ValueError('no ink left at 20 pixels: the marks are too small or too far apart for a digit')
+    rows, cols = np.indices(weights.shape)
+    centre_row, centre_col = (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
+    placed = Image.new('L', (28, 28))
+    placed.paste(digit, (round(14 - centre_col), round(14 - centre_row)))
+    return np.asarray(placed)
+
+
+def on_white(image):
+    """The image the way up it was taken (EXIF), on white: a web canvas draws dark strokes on transparent pixels."""
+    from PIL import Image, ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
+    return image.convert('RGB')
+
+
+@contextlib.contextmanager
+def opened_image(path):
+    """Pillow's image at `path`, decoded, or ValueError saying why; a photo below Pillow's bomb limit is welcome."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                yield image
+    except UnidentifiedImageError:
+        raise ValueError('not an image Pillow can open') from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
+    except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
+        raise ValueError(f'cannot be read ({e})') from None
+
+
+def images_to_read(paths, skip=()):
+    """Files as given, and the images of folders and subfolders (by the extensions Pillow opens, hidden files left
+    out) in name order, less `skip`; a folder without any as itself."""
+    from PIL import Image
+    extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    for path in paths:
+        found = 0
+        for folder, subfolders, names in os.walk(path):  # (nothing for what is no folder)
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith('.'))
+            for name in sorted(names):
+                file = os.path.join(folder, name)
+                if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
+                        and os.path.isfile(file) and os.path.realpath(file) not in skip:
+                    found += 1
+                    yield file
+        if not found:
+            yield path
+
+
+def read_entry(path):
+    """(path, the 28x28 seen) for an image read, (path, why) for one that cannot be."""
+    if not os.path.isfile(path):
+        return path, 'a folder with no images in it' if os.path.isdir(path) else \
+            'not a file (a pipe, a device?)' if os.path.exists(path) else 'no such file'
+    try:
+        with opened_image(path) as image:
+            return path, mnist_like(image)
+    except ValueError as e:
+        return path, str(e)
+
+
+def predict_all(model, device, entries, rows, log):
+    """Reads and predicts the images a batch at a time, a line and a CSV row each; returns the counts and the
+    least confident few."""
+    counts, shown = {'read': 0, 'failed': 0}, []
+    rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
+    readers = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # Pillow decodes and resizes off the GIL
+    try:
+        for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
+            read = []
+            for path, result in readers.map(read_entry, batch):
+                if isinstance(result, str):
+                    print(f'{printable(path)}: {result}', file=sys.stderr, flush=True)
+                    counts['failed'] += 1
+                else:
+                    read.append((path, result))
+            if not read:
+                continue
+            images = torch.from_numpy(np.stack([seen for _, seen in read])).unsqueeze(1).to(device)
+            with torch.inference_mode():
+                logits, features = model(to_unit_range(images))
+            probabilities = logits.float().softmax(1).cpu().numpy()
+            for (path, seen), p, feature in zip(read, probabilities, features.cpu()):
+                top = p.argsort()[::-1][:3]
+                log(f'{printable(path)}: ' + ' | '.join(f'{d} ({p[d]:.1%})' for d in top))
+                rows.writerow([printable(path), top[0], *(f'{x:.6f}' for x in p)])
+                shown.append((p[top[0]], counts['read'], path, seen, p, feature))
+                counts['read'] += 1
+            shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
+    finally:
+        readers.shutdown(wait=False, cancel_futures=True)  # after Ctrl-C the queued reads are dropped
+    return counts, shown
+
+
+def printable(path):
+    """A path as UTF-8 can print it: bytes that are no UTF-8 (a POSIX file name may hold them) as \\xNN."""
+    return path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
+    """The run's last t-SNE frame and the features of the test images it shows, or None and a note saying why."""
+    path = os.path.join(run_dir, 'tsne.npz')
+    if not os.path.isfile(path):
+        log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
+        return None
+    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None, unpack=False)
+    if problems:
+        log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
+        return None
+    try:
+        with np.load(path) as film:
+            embedding, labels = film['embeddings'][-1].astype(np.float32), film['labels'].astype(np.int64)
+        if embedding.shape != (len(labels), 2) or not np.isfinite(embedding).all() or labels.ndim != 1:
+            raise ValueError('its frames and labels do not fit together')
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+        log(f'note: no t-SNE panel: {path} cannot be read ({" ".join(str(e).split())[:100]})')
+        return None
+    if not np.array_equal(tm.idx_tensor(files['t10k-labels-idx1-ubyte'])[:len(labels)].numpy(), labels):
+        log(f'note: no t-SNE panel: the test images in --data-dir {data_dir} are not the ones its film shows')
+        return None
+    test_images = tm.idx_tensor(files['t10k-images-idx3-ubyte'])[:len(labels)].unsqueeze(1).to(device)
+    with torch.inference_mode():
+        _, features = model(to_unit_range(test_images))
+    return {'embedding': embedding, 'labels': labels, 'features': features.cpu(), 'neighbours': neighbours}
+
+
+def draw_predictions(shown, total, film):
+    """predictions.png: each image as given, the 28x28 the network saw and its top three; beside them the run's last
+    t-SNE frame, each image placed at the mean position of its nearest test images in the 1568-d feature space."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(3.2 * cols + (6.4 if film else 0), 1.9 * rows + 0.8), layout='constrained')
+    cells, panel = (fig.subfigures(1, 2, width_ratios=[3.2 * cols, 6.4]) if film else (fig, None))
+    axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()
+    for number, ((confidence, _, path, seen, p, _), ax) in enumerate(zip(shown, axes), 1):
+        canvas = np.full((96, 200, 3), 255, dtype=np.uint8)
+        given = as_given(path)
+        canvas[:given.shape[0], :given.shape[1]] = given
+        canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
+        ax.imshow(canvas)
+        top = p.argsort()[::-1][:3]
+        ax.set_title(f'#{number} {printable(os.path.basename(path))[:22]}', fontsize=8)
+        ax.set_xlabel('  '.join(f'{d}: {p[d]:.1%}' for d in top), fontsize=8)
+        ax.set(xticks=[], yticks=[])
+    for ax in axes[len(shown):]:
+        ax.axis('off')
+    cells.suptitle(f'{total} image{"s" * (total != 1)} predicted; the {len(shown)} least confident shown '
+                   '(as given, and the 28x28 the network saw)', fontsize=9)
+    if film:
+        ax = panel.subplots()
+        colours = colormaps['rainbow'](np.linspace(0, 1, 10))
+        embedding = film['embedding']
+        ax.scatter(*embedding.T, s=30, marker='s', c=colours[film['labels']], linewidths=0, alpha=0.6)
+        for digit in range(10):  # each cluster named by its digit, at the middle of its points
+            ax.text(*np.median(embedding[film['labels'] == digit], axis=0), str(digit), fontsize=16, weight='bold',
+                    color=colours[digit] * [0.6, 0.6, 0.6, 1], ha='center', va='center')
+        features = torch.stack([entry[5] for entry in shown])
+        nearest = torch.cdist(features, film['features']).topk(film['neighbours'], largest=False).indices
+        for number, position in enumerate(embedding[nearest.numpy()].mean(1), 1):
+            ax.scatter(*position, s=260, marker='*', color='black', edgecolors='white', linewidths=0.8)
+            ax.annotate(f'#{number}', position, xytext=(5, 5), textcoords='offset points', fontsize=9, weight='bold')
+        ax.set(xticks=[], yticks=[], title="where each lands on the run's last t-SNE frame")
+    return fig
+
+
+def as_given(path, size=96):
+    """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
+    try:
+        with opened_image(path) as image:
+            given = on_white(image)
+            given.thumbnail((size, size))
+            return np.asarray(given)
+    except ValueError:  # changed on disk since it was read
+        return np.full((size, size, 3), 255, dtype=np.uint8)
+
+
+def show_if_interactive(picture):
+    """The picture in a window, where there is a display and someone at the terminal to close it."""
+    if tm.someone_at_the_terminal() and tm.interactive_backend():
+        import matplotlib.pyplot as plt
+        image = plt.imread(picture)
+        plt.figure(num='predictions', figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
+        plt.figimage(image)
+        plt.show(block=True)
+
+
+# -----------------------------------------------------------------------------
+# The model, the flags and main
+
+
+def build_parser():
+    parser = tm.ArgumentParser(prog='predict_digits.py',
+                               description='Read digit images with a CNN that train_mnist_cnn.py trained.',
+                               epilog='exit codes: 0 done, 1 an image could not be read or a runtime error, 2 usage '
+                                      'error, 130/143 stopped by SIGINT/SIGTERM.')
+    parser.add_argument('images', nargs='+', type=tm.path_name, metavar='IMAGE_OR_FOLDER',
+                        help='digit images, or folders of them (subfolders too)')
+    parser.add_argument('--model', type=tm.path_name, metavar='PATH',
+                        help='a checkpoint, or a run folder holding model.pt (default: the newest runs/*/model.pt)')
+    parser.add_argument('--out-dir', type=tm.path_name, metavar='DIR',
+                        help='where predictions.csv and predictions.png go (default: runs/<UTC timestamp>)')
+    for name in ('device', 'threads', 'data_dir'):  # as the trainer takes them
+        tm.add_flag(parser, name, default=getattr(tm.Config, name))
+    return parser
+
+
+class Stage(enum.Enum):
+    PREDICTING = enum.auto()  # the images being read and predicted
+    DRAWING = enum.auto()     # predictions.csv written, predictions.png being drawn
+
+
+STOP_MESSAGES = {Stage.PREDICTING: 'interrupted while predicting; predictions.csv was not written',
+                 Stage.DRAWING: 'interrupted while drawing predictions.png; predictions.csv is written in {out_dir}'}
+
+
+def predict(args, status, log):
+    """Every image read as MNIST was made, predicted, and reported; 1 if any could not be read."""
+    device = tm.resolve_device(args.device, tm.World())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    found = sorted(glob.glob(os.path.join('runs', '*', 'model.pt')), key=os.path.getmtime)  # the newest last
+    if not (args.model or found):
+        raise tm.RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
+                          'or name one with --model')
+    model_file = args.model or found[-1]
+    model_file = os.path.join(model_file, 'model.pt') if os.path.isdir(model_file) else model_file
+    model = tm.to_device(CNN(), device).eval()
+    model.load_state_dict(tm.load_checkpoint(model_file, '--model', model_only=True)['model'])
+    run_dir = os.path.dirname(model_file) or '.'
+    trained = 'no summary.json: its run did not finish'
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
+    log(f'model: {model_file} ({trained})')
+    with tm.claimed_folder(args.out_dir, may_hold_a_run=True) as out_dir:
+        status.out_dir = out_dir
+        picture = os.path.join(out_dir, 'predictions.png')
+        started = time.perf_counter()
+        entries = images_to_read(args.images, skip={os.path.realpath(picture)})
+        with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
+            counts, shown = predict_all(model, device, entries, csv.writer(table), log)
+        status.stage = Stage.DRAWING
+        seconds = time.perf_counter() - started
+        log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
+            f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
+        if shown:
+            film = film_for_predictions(run_dir, args.data_dir, model, device, log)
+            tm.save_figure(draw_predictions(shown, counts['read'], film), picture)
+            show_if_interactive(picture)
+    return tm.EXIT_RUNTIME if counts['failed'] else 0
+
+
+def main(argv=None):
+    """The script as a function: arguments in, an exit code out; every error a user can cause is one line."""
+    status = tm.Status(stage=Stage.PREDICTING)
+    with tm.signals_handled(status):
+        try:
+            args = build_parser().parse_args(argv)
+            return predict(args, status, tm.make_logger(tm.World()))
+        except BaseException as e:
+            status.stage = tm.Stage.STOPPING  # from here a signal ends the process at once, quietly
+            return tm.exit_code(e, status, tm.World(), STOP_MESSAGES)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
