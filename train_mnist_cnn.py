@@ -1198,7 +1198,12 @@ def lock_file(path):
                 import fcntl
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors='replace').strip() if os.name != 'nt' else ''
+            holder = ''
+            for _ in range(50 if os.name != 'nt' else 0):  # the holder writes its pid just after it takes the lock
+                holder = os.pread(fd, 32, 0).decode(errors='replace').strip()
+                if holder:
+                    break
+                time.sleep(0.01)
             os.close(fd)
             raise RunError(f'{os.path.dirname(path)} is in use by another run (pid {holder or "unknown"}); '
                            'wait for it to end or choose another --out-dir') from None
@@ -1650,6 +1655,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             status.stage = Stage.OUTPUTS
             if world.is_main:
                 run.write_outputs(test, wall_started)
+            if world.size > 1:  # the processes end together: one that left the group early aborted in Gloo's exit
+                dist.barrier()
             status.stage = Stage.DONE
             if run.film is not None and run.film.live and someone_at_the_terminal():
                 run.film.keep_window_open(log)  # CI, pipes and nohup exit at once

@@ -26,6 +26,10 @@ if os.environ.get('FAIL_RANK') == os.environ['RANK']:  # a rank that fails mid-r
             raise RuntimeError('injected failure in rank ' + os.environ['RANK'])
         return real_step(*args)
     tm.train_step = train_step
+if os.environ.get('SLOW_OUTPUTS') and os.environ['RANK'] == '0':  # the others reach the end long before it
+    import time
+    real_write_outputs = tm.Run.write_outputs
+    tm.Run.write_outputs = lambda *args: time.sleep(float(os.environ['SLOW_OUTPUTS'])) or real_write_outputs(*args)
 sys.exit(tm.main(sys.argv[1:]))
 '''
 
@@ -67,6 +71,13 @@ def test_checkpoint_from_torchrun_resumes_in_one_process(tmp_path, data_dir, fix
     assert tm.main(['--resume', str(tmp_path / 'run'), '--epochs', '2']) == 0
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['epochs'] == 2 and summary['steps'] == 24 and summary['world_size'] == 1
+
+
+def test_the_others_wait_while_the_first_process_writes_the_outputs(tmp_path, data_dir, fixture_checksums):
+    out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
+                   env_changes={'SLOW_OUTPUTS': '3'})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / 'run' / 'summary.json').exists()
 
 
 def test_a_failing_rank_ends_the_whole_job(tmp_path, data_dir, fixture_checksums):
