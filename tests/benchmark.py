@@ -5,7 +5,7 @@ train_mnist_cnn.py in fp32 and bf16.
     python tests/benchmark.py [--device cpu|cuda] [--epochs N] [--repeats N] [--data-dir DIR] [--json FILE]
     python tests/benchmark.py --film ...      # the t-SNE film's cost: ours animated against ours --no-tsne
     python tests/benchmark.py --seeds N ...   # one-epoch accuracy and time over seeds 1..N, fp32 and bf16
-    python tests/benchmark.py --predict RUN   # the 10,000 test images as photos, read back through --predict
+    python tests/benchmark.py --predict RUN   # the 10,000 test images as photos, read by predict_digits.py
 
 In one run, on the same data and device, it measures the matmul peak (fp32 and bf16), counts the FLOPs of
 one epoch (training steps, the periodic evaluations, the final test), then times whole processes,
@@ -366,7 +366,7 @@ def measure_seeds(args):
 
 def measure_predict(args):
     """The 10,000 test images written as photo-like PNGs (dark ink on grey paper, 3x, off centre, as the tests
-    write them) and read back through `--predict --model RUN`: accuracy against the model's on the tensors,
+    write them) and read back by `predict_digits.py --model RUN`: accuracy against the model's on the tensors,
     and images a second once the script has started."""
     import csv
     import torch
@@ -376,7 +376,7 @@ def measure_predict(args):
     mnist = tm.load_mnist(args.data_dir, False, tm.World(), lambda message: None)
     images, labels = mnist['test_images'], mnist['test_labels']
     model = tm.CNN()
-    model.load_state_dict(tm.load_checkpoint(args.predict, '--model')['model'])
+    model.load_state_dict(tm.load_checkpoint(args.predict, '--model', model_only=True)['model'])
     with torch.inference_mode():
         on_tensors = (model.eval()(images.float() / 255)[0].argmax(1) == labels).float().mean().item()
     with tempfile.TemporaryDirectory() as scratch:
@@ -385,8 +385,9 @@ def measure_predict(args):
         for i, image in enumerate(images[:, 0].numpy()):
             photo_like(image).save(os.path.join(folder, f'{i:05}.png'))
         out_dir = os.path.join(scratch, 'out')
-        seconds, stdout = timed([sys.executable, SCRIPT, '--predict', folder, '--model', args.predict,
-                                 '--data-dir', args.data_dir, '--device', args.device, '--out-dir', out_dir])
+        seconds, stdout = timed([sys.executable, os.path.join(ROOT, 'predict_digits.py'), folder, '--model',
+                                 args.predict, '--data-dir', args.data_dir, '--device', args.device, '--out-dir',
+                                 out_dir])
         done = next(line for line in stdout.splitlines() if line.startswith('done: '))
         with open(os.path.join(out_dir, 'predictions.csv')) as f:
             predicted = [int(row['predicted']) for row in csv.DictReader(f)]
@@ -407,7 +408,8 @@ def main():
     parser.add_argument('--json', metavar='FILE', help='also write the results here')
     parser.add_argument('--film', action='store_true', help='time the t-SNE film against --no-tsne instead')
     parser.add_argument('--seeds', type=int, metavar='N', help='accuracy and time over seeds 1..N instead')
-    parser.add_argument('--predict', metavar='RUN', help='a trained run or checkpoint: measure --predict with it instead')
+    parser.add_argument('--predict', metavar='RUN',
+                        help='a trained run or checkpoint: measure predict_digits.py with it instead')
     parser.add_argument('--role', choices=ROLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:

@@ -461,6 +461,18 @@ def test_a_checkpoint_of_torch_optims_fused_adam_resumes(tmp_path, good_checkpoi
     assert resumed['optimizer']['state'][0]['step'].item() == resumed['step'] > checkpoint['step']
 
 
+def test_a_checkpoint_of_a_version_that_still_had_predict_resumes(tmp_path, good_checkpoint):
+    """Before predict_digits.py, the trainer's config held --predict's flags: (), '' in every checkpoint."""
+    checkpoint = torch.load(io.BytesIO(good_checkpoint), weights_only=True)
+    checkpoint['config'].update(predict=(), model='')
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save(checkpoint, run / 'model.pt')
+    assert tm.main(['--resume', str(run), '--epochs', str(checkpoint['config']['epochs'] + 1)]) == 0
+    resumed = torch.load(run / 'model.pt', weights_only=True)
+    assert resumed['step'] > checkpoint['step'] and 'predict' not in resumed['config']
+
+
 def test_a_stray_world_size_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv('WORLD_SIZE', 'two')
     assert tm.main(['--help']) == 2

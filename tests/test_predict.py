@@ -1,4 +1,4 @@
-"""Your own handwriting: predict_digits.py on digit images, prepared the way MNIST's were; offline, on fixture digits."""
+"""Your own handwriting: predict_digits.py on digit images prepared the way MNIST's were; offline, on fixtures."""
 import csv
 import hashlib
 import json
