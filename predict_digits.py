@@ -30,8 +30,16 @@ import time
 import warnings
 import zipfile
 
-if __name__ == '__main__':  # Ctrl-C while torch is imported (the first seconds) ends quietly, not in a traceback
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def stop_while_starting(signum, frame):  # as the trainer's, which cannot be imported before torch
+    print('interrupted while starting; nothing was written', file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, stop_while_starting)
+    signal.signal(signal.SIGTERM, stop_while_starting)
 
 import numpy as np
 import torch
@@ -44,10 +52,6 @@ PAPER_NOISE = 0.1      # the share of the ink's contrast below which a pixel is 
 INK_FOR_THE_BOX = 0.3  # and the share from which it counts towards the ink's box
 PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat however many there are
 PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
-
-# -----------------------------------------------------------------------------
-# Images read as MNIST's digits were made, predicted a batch at a time, and pictured
-
 
 def mnist_like(image):
     """A digit image (PIL) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black, the ink's
@@ -110,8 +114,8 @@ def opened_image(path):
 
 
 def images_to_read(paths, skip=()):
-    """Files as given, and the images of folders and subfolders (by the extensions Pillow opens, hidden files left
-    out) in name order, less `skip`; a folder without any as itself."""
+    """Files as given; folders' images (Pillow's extensions, no hidden files), subfolders too, in name order,
+    less `skip`; a folder without any as itself."""
     from PIL import Image
     extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
     for path in paths:
@@ -257,16 +261,6 @@ def as_given(path, size=96):
         return np.full((size, size, 3), 255, dtype=np.uint8)
 
 
-def show_if_interactive(picture):
-    """The picture in a window, where there is a display and someone at the terminal to close it."""
-    if tm.someone_at_the_terminal() and tm.interactive_backend():
-        import matplotlib.pyplot as plt
-        image = plt.imread(picture)
-        plt.figure(num='predictions', figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
-        plt.figimage(image)
-        plt.show(block=True)
-
-
 # -----------------------------------------------------------------------------
 # The model, the flags and main
 
@@ -329,7 +323,12 @@ def predict(args, status, log):
         if shown:
             film = film_for_predictions(run_dir, args.data_dir, model, device, log)
             tm.save_figure(draw_predictions(shown, counts['read'], film), picture)
-            show_if_interactive(picture)
+            if tm.someone_at_the_terminal() and tm.interactive_backend():  # shown until its window is closed
+                import matplotlib.pyplot as plt
+                image = plt.imread(picture)
+                plt.figure(num='predictions', figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
+                plt.figimage(image)
+                plt.show(block=True)
     return tm.EXIT_RUNTIME if counts['failed'] else 0
 
 
@@ -341,9 +340,10 @@ def main(argv=None):
             args = build_parser().parse_args(argv)
             return predict(args, status, tm.make_logger(tm.World()))
         except BaseException as e:
-            status.stage = tm.Stage.STOPPING  # from here a signal ends the process at once, quietly
             return tm.exit_code(e, status, tm.World(), STOP_MESSAGES)
+        finally:
+            status.stage = tm.Stage.STOPPING  # done: a signal now ends the process at once, quietly
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    tm.exit_with(main())

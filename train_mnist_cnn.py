@@ -1318,8 +1318,11 @@ def restore(checkpoint):
         if (checkpoint['epoch'], checkpoint['step']) != (progress.epoch, progress.step):
             raise BadField('epoch and step disagree with progress')
     with field_named('rng'):
+        if checkpoint['rng']['torch'].shape != torch.get_rng_state().shape:
+            raise BadField('rng.torch is not a state of this torch\'s generator')
         torch.Generator().set_state(checkpoint['rng']['torch'])  # refuses a state the generator could never be in
-        if not all(state.dtype == torch.uint8 and state.dim() == 1 for state in checkpoint['rng'].get('cuda', [])):
+        cuda = checkpoint['rng'].get('cuda', [])
+        if not (isinstance(cuda, list) and all(state.dtype == torch.uint8 and state.dim() == 1 for state in cuda)):
             raise BadField('rng.cuda does not hold CUDA generator states')
     with field_named('optimizer'):
         check_adam_state(checkpoint['optimizer'], config['lr'], progress.step)
@@ -1341,16 +1344,18 @@ def check_adam_state(state_dict, lr, steps):
     its tensors as they will be held (a float64 1e300 is inf in float32) and its steps are checked."""
     params = list(CNN().parameters())
     group, state = state_dict['param_groups'], state_dict['state']
-    if not (len(group) == 1 and group[0]['params'] == list(range(len(params)))):
+    if not (isinstance(group, list) and len(group) == 1 and group[0]['params'] == list(range(len(params)))):
         raise BadField(f'optimizer: expected one parameter group of the {len(params)} parameters')
     for name, value in {'lr': lr, **ADAM_SETTINGS}.items():
         saved = group[0].get(name, value)
-        if (tuple(saved) if isinstance(saved, list) else saved) != value:
+        if not isinstance(saved, (int, float, bool, tuple, list)) or (tuple(saved) if isinstance(saved, list)
+                                                                      else saved) != value:
             raise BadField(f'optimizer: {name} is {saved!r}, where this run has {value!r}')
     if state and sorted(state) != list(range(len(params))):
         raise BadField(f'optimizer: expected state for each of the {len(params)} parameters, or none')
     for i, p in enumerate(params):
         if state and not (set(state[i]) == {'step', 'exp_avg', 'exp_avg_sq'} and state[i]['step'].numel() == 1
+                          and all(t.is_floating_point() for t in state[i].values())
                           and state[i]['exp_avg'].shape == state[i]['exp_avg_sq'].shape == p.shape):
             raise BadField(f'optimizer: state {i} is not a step, exp_avg and exp_avg_sq of shape {tuple(p.shape)}')
     adam = Adam(params, lr)
@@ -1364,7 +1369,7 @@ def check_adam_state(state_dict, lr, steps):
     if len({s['step'].item() for s in adam.state}) != 1:
         raise BadField("optimizer: the parameters' step counts differ")
     if adam.state[0]['step'].item() != steps:  # (one Adam step a global step, under torchrun too)
-        raise BadField(f'optimizer: {adam.state[0]["step"].item():.0f} steps taken, where the run took {steps}')
+        raise BadField(f'optimizer: {adam.state[0]["step"].item():g} steps taken, where the run took {steps}')
 
 
 class BadField(ValueError):
@@ -1400,7 +1405,9 @@ def load_checkpoint(path, flag='--resume', model_only=False):
     elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
     try:
-        CNN().load_state_dict(checkpoint['model'])  # strict: every layer of this CNN, of its shape, and no other
+        with warnings.catch_warnings():  # (complex weights: refused below in one line, not with torch's warning)
+            warnings.simplefilter('ignore')
+            CNN().load_state_dict(checkpoint['model'])  # strict: every layer of this CNN, of its shape, no other
     except (RuntimeError, TypeError, AttributeError):
         raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)') from None
     if not all(v.layout == torch.strided and v.dtype == torch.float32 and v.device.type == 'cpu'
@@ -1697,8 +1704,12 @@ def is_collective_failure(error):
         isinstance(error, RuntimeError) and re.search(r'gloo|NCCL|Connection (reset|closed) by peer', str(error)))
 
 
-if __name__ == '__main__':
-    code = main()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the run has ended: a late signal changes nothing
+def exit_with(code):
+    """Exits with main's code; a signal from here on changes nothing."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: os._exit(code))
     sys.exit(code)
+
+
+if __name__ == '__main__':
+    exit_with(main())

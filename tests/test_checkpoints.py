@@ -350,6 +350,20 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
     assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
 
 
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_predict_digits_imports_torch_is_one_line(tmp_path, signum):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'predict_digits.py'), 'x.png'], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while 'libtorch' not in open(f'/proc/{process.pid}/maps').read():  # torch's import has begun
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
+
+
 def test_ctrl_c_again_after_the_checkpoint_is_saved_stays_quiet(uninterrupted, tmp_path, fixture_checksums):
     data, _ = uninterrupted
     run = tmp_path / 'run'
@@ -437,6 +451,15 @@ def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, go
      'optimizer: state 1: exp_avg_sq is not finite'),
     (lambda c: c['optimizer']['param_groups'][0].update(lr=50.0), 'optimizer: lr is 50.0, where this run has 0.001'),
     (lambda c: c['optimizer'].update(state={}), 'optimizer: 0 steps taken, where the run took'),
+    (lambda c: c['optimizer']['state'][0].update(exp_avg=c['optimizer']['state'][0]['exp_avg'].to(torch.complex64)),
+     'optimizer: state 0 is not'),
+    (lambda c: c['optimizer']['state'][0].update(exp_avg=c['optimizer']['state'][0]['exp_avg'].long()),
+     'optimizer: state 0 is not'),
+    (lambda c: c['optimizer'].update(param_groups=tuple(c['optimizer']['param_groups'])), 'optimizer: expected one'),
+    (lambda c: c['optimizer']['param_groups'][0].update(lr=torch.tensor(0.001, dtype=torch.float64)), 'optimizer: lr'),
+    (lambda c: c['rng'].update(torch=c['rng']['torch'][None]), 'rng.torch'),
+    (lambda c: [s.update(step=s['step'] + 0.5) for s in c['optimizer']['state'].values()],
+     'optimizer: 180.5 steps taken, where the run took 180'),
     (lambda c: [s.update(step=torch.tensor(0.0)) for s in c['optimizer']['state'].values()],
      'optimizer: 0 steps taken, where the run took'),
 ])

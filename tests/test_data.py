@@ -3,7 +3,6 @@ import gzip
 import functools
 import hashlib
 import http.server
-import io
 import json
 import os
 import pickle
