@@ -1400,14 +1400,15 @@ def load_checkpoint(path, flag='--resume', model_only=False):
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
                        f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
-    if model_only and isinstance(checkpoint, dict) and checkpoint.keys() == CNN().state_dict().keys():
+    cnn = CNN()
+    if model_only and isinstance(checkpoint, dict) and checkpoint.keys() == cnn.state_dict().keys():
         checkpoint = {'model': checkpoint}  # a bare state_dict of this CNN: its weights are all that is read
     elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
     try:
         with warnings.catch_warnings():  # (complex weights: refused below in one line, not with torch's warning)
             warnings.simplefilter('ignore')
-            CNN().load_state_dict(checkpoint['model'])  # strict: every layer of this CNN, of its shape, no other
+            cnn.load_state_dict(checkpoint['model'])  # strict: every layer of this CNN, of its shape, no other
     except (RuntimeError, TypeError, AttributeError):
         raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)') from None
     if not all(v.layout == torch.strided and v.dtype == torch.float32 and v.device.type == 'cpu'
