@@ -31,7 +31,6 @@ import warnings
 import zipfile
 
 
-
 def stop_while_starting(signum, frame):  # as the trainer's, which cannot be imported before torch
     print('interrupted while starting; nothing was written', file=sys.stderr)
     raise SystemExit(128 + signum)
@@ -52,6 +51,7 @@ PAPER_NOISE = 0.1      # the share of the ink's contrast below which a pixel is 
 INK_FOR_THE_BOX = 0.3  # and the share from which it counts towards the ink's box
 PREDICT_BATCH = 256    # images read and predicted at a time: memory stays flat however many there are
 PICTURE_MOST = 32      # images shown in predictions.png, the least confident first
+
 
 def mnist_like(image):
     """A digit image (PIL) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black, the ink's
@@ -125,7 +125,7 @@ def images_to_read(paths, skip=()):
             for name in sorted(names):
                 file = os.path.join(folder, name)
                 if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
-                        and os.path.isfile(file) and os.path.realpath(file) not in skip:
+                        and (os.path.isfile(file) or os.path.islink(file)) and os.path.realpath(file) not in skip:
                     found += 1
                     yield file
         if not found:
@@ -135,8 +135,8 @@ def images_to_read(paths, skip=()):
 def read_entry(path):
     """(path, the 28x28 seen) for an image read, (path, why) for one that cannot be."""
     if not os.path.isfile(path):
-        return path, 'a folder with no images in it' if os.path.isdir(path) else \
-            'not a file (a pipe, a device?)' if os.path.exists(path) else 'no such file'
+        return path, 'a folder with no images in it' if os.path.isdir(path) else 'not a file (a pipe, a device?)' \
+            if os.path.exists(path) else 'a link to nothing' if os.path.islink(path) else 'no such file'
     try:
         with opened_image(path) as image:
             return path, mnist_like(image)
@@ -155,7 +155,7 @@ def predict_all(model, device, entries, rows, log):
             read = []
             for path, result in readers.map(read_entry, batch):
                 if isinstance(result, str):
-                    print(f'{printable(path)}: {result}', file=sys.stderr, flush=True)
+                    tm.say(f'{printable(path)}: {result}', sys.stderr)
                     counts['failed'] += 1
                 else:
                     read.append((path, result))
@@ -226,7 +226,7 @@ def draw_predictions(shown, total, film):
         canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
         ax.imshow(canvas)
         top = p.argsort()[::-1][:3]
-        ax.set_title(f'#{number} {printable(os.path.basename(path))[:22]}', fontsize=8)
+        ax.set_title(f'#{number} {printable(os.path.basename(path))[:22]}', fontsize=8, parse_math=False)  # '$' too
         ax.set_xlabel('  '.join(f'{d}: {p[d]:.1%}' for d in top), fontsize=8)
         ax.set(xticks=[], yticks=[])
     for ax in axes[len(shown):]:
@@ -321,9 +321,10 @@ def predict(args, status, log):
         log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
         if shown:
+            live = tm.interactive_backend(log)  # first: a backend that cannot work here is replaced by Agg
             film = film_for_predictions(run_dir, args.data_dir, model, device, log)
             tm.save_figure(draw_predictions(shown, counts['read'], film), picture)
-            if tm.someone_at_the_terminal() and tm.interactive_backend():  # shown until its window is closed
+            if tm.someone_at_the_terminal() and live:  # shown until its window is closed
                 import matplotlib.pyplot as plt
                 image = plt.imread(picture)
                 plt.figure(num='predictions', figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)

@@ -356,8 +356,9 @@ class Run:
         if self.tsne_points and world.is_main:
             labels = self.test_labels[:self.tsne_points].cpu().numpy()
             self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, self.progress.metrics,
-                                 config.epochs * self.steps_per_epoch, background=device.type != 'cpu')
+                                 config.epochs * self.steps_per_epoch, device.type != 'cpu', log)
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
+        self.saved_step = self.progress.step
         self.startup_seconds = time.perf_counter() - PROCESS_STARTED
 
     def elapsed(self):
@@ -403,6 +404,16 @@ class Run:
             torch.save(checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state), buffer)
             write_atomic(os.path.join(self.out_dir, 'model.pt'), buffer.getvalue())
             write_metrics(self.out_dir, self.progress.metrics)
+        self.saved_step = self.progress.step
+
+    def save_after_failure(self):
+        """Training failed (memory, say): the steps since the last checkpoint are kept if they can be."""
+        if self.world.size == 1 and self.progress.step > self.saved_step and all(
+                bool(p.isfinite().all()) for p in self.model.parameters()):
+            with contextlib.suppress(Exception):  # (a full disk: the last checkpoint written stands)
+                self.save(None)
+                self.log(f'checkpoint saved at step {self.progress.step}; resume with: '
+                         f'{resume_command(self.out_dir, self.world)}')
 
     def stop(self, signals):
         """After a checkpoint: say where training stopped and how to go on, and stop."""
@@ -413,6 +424,8 @@ class Run:
     def write_outputs(self, test, wall_started):
         """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
+        images = progress.epoch * len(self.train_images) + min(progress.step_in_epoch * config.batch_size,
+                                                                len(self.train_images))
         self.log(f'{test.predictions[:10].tolist()} prediction number')
         self.log(f'{self.test_labels[:10].tolist()} real number')
         confusion = torch.bincount(self.test_labels * 10 + test.predictions, minlength=100).reshape(10, 10)
@@ -423,7 +436,7 @@ class Run:
             'test_accuracy': test.accuracy, 'test_loss': test.loss, 'epochs': progress.epoch, 'steps': progress.step,
             'train_seconds': round(train_seconds, 3),
             'wall_seconds': round(time.perf_counter() - wall_started, 3),
-            'images_per_second': round(progress.step * config.batch_size / max(train_seconds, 1e-9), 1),
+            'images_per_second': round(images / max(train_seconds, 1e-9), 1),
             'startup_seconds': round(self.startup_seconds, 3),
             'device': str(self.device), 'world_size': self.world.size, 'seed': config.seed,
             'torch_version': str(torch.__version__), **film_stats, 'config': dataclasses.asdict(config),
@@ -444,13 +457,14 @@ class TsneFilm:
     embedded frames, with a few interpolated frames between each two so that the points glide.
 
     Beside training on a GPU the worker runs freely. Training on a CPU waits for each frame instead:
-    sharing the cores costs more than taking turns (measured on 2 cores)."""
+    sharing the cores costs more than taking turns (measured on 2 cores). The film is a side channel: if it
+    fails (t-SNE, the window) it says so once and stops, or goes on without the window; training goes on."""
 
-    def __init__(self, labels, seed, out_dir, history, metrics, total_steps, background):
+    def __init__(self, labels, seed, out_dir, history, metrics, total_steps, background, log=None):
         import matplotlib.pyplot as plt
         self.labels, self.seed, self.out_dir, self.background = labels, seed, out_dir, background
-        self.metrics, self.total_steps = metrics, total_steps  # the run's metrics rows: the curves
-        self.live = interactive_backend()
+        self.metrics, self.total_steps, self.log = metrics, total_steps, log or say  # metrics: the run's rows
+        self.live, self.stopped = interactive_backend(log), False
         self.window = None
         if self.live:  # not plt.ion(): it would redraw the whole figure at every change, where blitting is enough
             self.window = FilmFigure(plt.figure(figsize=FILM_INCHES, num='What the last layer learns'), labels,
@@ -480,9 +494,20 @@ class TsneFilm:
         return self.previous
 
     def add_frame(self, features, predictions, step, title, last=False):
-        future = self.worker.submit(self._embed, features.float().cpu().numpy(), last)
+        features = features.float().cpu().numpy()
+        if self.stopped:
+            return
+        if np.ptp(features, axis=0).max() == 0:  # nothing to lay out, and scikit-learn's TSNE would crash the process
+            return self.stop_filming(f'at step {step} all {len(features)} filmed images have the same features (its '
+                                     'ReLUs are dead: a lower --lr trains)')
+        future = self.worker.submit(self._embed, features, last)
         self.pending.append((future, step, predictions.cpu().numpy(), title))
         self.show_ready(wait=not self.background)
+
+    def stop_filming(self, why):
+        self.log(f't-SNE film stopped: {why}; training goes on, and tsne.gif keeps the frames made so far')
+        self.stopped = True
+        self.pending.clear()
 
     def show_ready(self, wait=False):
         """Takes in the frames embedded so far, in order, and shows the newest; with `wait`, every frame."""
@@ -491,15 +516,25 @@ class TsneFilm:
             try:
                 embedding = future.result()
             except Exception as e:  # the worker's failure, carried by its future
-                raise RunError(f't-SNE failed: {e}; run with --no-tsne to train without it') from None
+                return self.stop_filming(f't-SNE failed: {" ".join(str(e).split()) or type(e).__name__}')
             self.embeddings.append(embedding)
             self.steps.append(step)
             self.predictions.append(predictions)
             self.titles.append(title)
             if self.window is not None:
-                self.window.draw(*self.frame(len(self.steps) - 1))
-                self.window.fig.canvas.blit(self.window.fig.bbox)
-                self.window.fig.canvas.flush_events()
+                self.show_in_window(len(self.steps) - 1)
+
+    def show_in_window(self, index):
+        import matplotlib.pyplot as plt
+        try:
+            if not plt.fignum_exists(self.window.fig.number):  # closed by its user
+                raise RuntimeError('its window was closed')
+            self.window.draw(*self.frame(index))
+            self.window.fig.canvas.blit(self.window.fig.bbox)
+            self.window.fig.canvas.flush_events()
+        except Exception as e:  # a window is never worth the run: the film goes on in its files
+            self.log(f'the t-SNE window is gone ({e}); the film goes on into tsne.gif')
+            self.window, self.live = None, False
 
     def frame(self, index, towards=None, share=0.0):
         """What frame `index` shows; with `towards`, a frame `share` of the way to that one's layout."""
@@ -657,11 +692,25 @@ class FilmFigure:
         save_figure(self.fig, path, dpi)
 
 
-def interactive_backend():
-    """Whether matplotlib draws into windows here (a display, a GUI toolkit), not only into files."""
-    import matplotlib.pyplot as plt
+def interactive_backend(log=None):
+    """Whether matplotlib draws into windows here (a display, a GUI toolkit), not only into files. A backend that
+    cannot work here (a notebook's MPLBACKEND, inherited; a toolkit that is not installed) is said once and
+    replaced by Agg: the pictures and the film go to files."""
+    wanted = os.environ.pop('MPLBACKEND', None)  # matplotlib's import would raise on a bad one; use() says why
+    try:
+        import matplotlib
+        if wanted:
+            matplotlib.use(wanted)
+        import matplotlib.pyplot as plt
+        backend = plt.get_backend()  # resolves it, importing its toolkit
+    except (ValueError, ImportError) as e:
+        (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({str(e).split(";")[0].splitlines()[0]}); '
+                     'drawing to files only')
+        import matplotlib.pyplot as plt
+        plt.switch_backend('agg')
+        return False
     from matplotlib.backends import BackendFilter, backend_registry
-    return plt.get_backend().lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+    return backend.lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
 
 
 def someone_at_the_terminal():
@@ -1121,6 +1170,7 @@ def write_metrics(out_dir, metrics):
 # The run folder: one run's alone
 
 LOCK_FILE = '.lock'
+RUN_FILES = ('model.pt', 'summary.json', 'metrics.csv')  # what makes a folder a run's
 
 
 def new_run_folder():
@@ -1191,9 +1241,11 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
     except OSError as e:
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
     try:
-        if not may_hold_a_run and os.path.exists(os.path.join(folder, 'model.pt')):
-            raise UsageError(f'{folder} already holds a run (model.pt): continue it with --resume {folder} '
-                             'or choose another --out-dir')
+        held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+        if held and not may_hold_a_run:
+            raise UsageError(f'{folder} already holds a run ({held[0]}): ' + (
+                f'continue it with --resume {folder} or choose another --out-dir' if held[0] == 'model.pt' else
+                'its outputs would mix with this one\'s; choose another --out-dir'))
         yield folder
     finally:
         with contextlib.suppress(OSError):
@@ -1488,6 +1540,10 @@ def check_precision(precision, device):
 
 def join_process_group(world, device):
     if world.size > 1:
+        missing = [name for name in ('MASTER_ADDR', 'MASTER_PORT') if not os.environ.get(name)]
+        if missing:
+            raise UsageError(f'WORLD_SIZE={world.size} asks for a job, but {" and ".join(missing)} '
+                             f'{"is" if len(missing) == 1 else "are"} not set: start it with torchrun, which sets them')
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
@@ -1510,11 +1566,24 @@ def make_logger(world, every_machine=False):
 
     def log(message):
         if prints:
-            try:
-                print(prefix + message, flush=True)
-            except BrokenPipeError:  # `| head` has read its fill: the run goes on, and stops printing
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            say(prefix + message)
     return log
+
+
+def say(message, stream=None):
+    """Prints a line, to stdout unless told. Bytes of a file name that are no text come out as \\xNN. An output
+    that fails (`| head` has read its fill, the terminal was closed, the disk is full) is dropped, said once on
+    stderr where stderr still works, and the run goes on: printing is never worth a run."""
+    stream = stream or sys.stdout
+    message = message.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    try:
+        print(message.encode(stream.encoding or 'utf-8', 'backslashreplace').decode(stream.encoding or 'utf-8'),
+              file=stream, flush=True)
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # what is left in its buffer goes there too
+            if stream is sys.stdout and not isinstance(e, BrokenPipeError):
+                say(f'stdout failed ({e.strerror or e}); the run goes on without printing its progress', sys.stderr)
 
 
 def resume_command(out_dir, world):
@@ -1604,10 +1673,17 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
+        if world.is_main:
+            interactive_backend(log)  # a backend that cannot work here is replaced now, not after training
         run = Run(config, world, device, mnist, checkpoint, log)
         try:
             status.stage = Stage.TRAINING
-            test = train(run, status.signals)
+            try:
+                test = train(run, status.signals)
+            except Exception as e:
+                if not isinstance(e, (Stopped, RunError, OSError)):  # (their own lines say what stands)
+                    run.save_after_failure()
+                raise
             status.stage = Stage.OUTPUTS
             if world.is_main:
                 run.write_outputs(test, wall_started)
@@ -1656,6 +1732,9 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
         message, code = f'usage error: {error}', EXIT_USAGE
     elif isinstance(error, RunError):
         message, code = f'error: {error}', EXIT_RUNTIME
+    elif isinstance(error, torch.OutOfMemoryError) or isinstance(error, RuntimeError) and re.search(
+            r"out of memory|can't allocate memory|not enough memory", str(error)):
+        message, code = f'error: out of memory ({str(error).splitlines()[0][:120]}); lower --batch-size', EXIT_RUNTIME
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
         kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
         message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME
@@ -1665,7 +1744,7 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
     else:
         raise error
     if message:
-        print((f'[rank {world.rank}] ' if world.size > 1 else '') + message, file=sys.stderr)
+        say((f'[rank {world.rank}] ' if world.size > 1 else '') + message, sys.stderr)
     return code
 
 

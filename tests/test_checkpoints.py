@@ -518,9 +518,10 @@ def test_a_reader_that_stops_reading_does_not_stop_the_run(tmp_path, data_dir, f
 def test_a_closed_terminal_saves_unless_under_nohup(uninterrupted, tmp_path, fixture_checksums, under_nohup):
     data, _ = uninterrupted
     run = tmp_path / 'run'
-    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if under_nohup else None
+    def disposition():  # set either way: a test run under nohup would hand its ignored SIGHUP down
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if under_nohup else signal.SIG_DFL)
     process = run_script([*LONG, '--save-every', '5', '--data-dir', data, '--out-dir', run], fixture_checksums,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=disposition)
     wait_for(run / 'model.pt', process)
     process.send_signal(signal.SIGHUP)
     stdout, stderr = process.communicate(timeout=120)

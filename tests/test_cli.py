@@ -181,3 +181,35 @@ def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsy
     line = one_line_error(capsys)
     assert '--eval-size 10' in line and '--tsne-points' in line and '--no-tsne' in line
     assert tm.make_config(tm.parse_flags(['--eval-size', '10', '--no-tsne'])).eval_size == 10
+
+
+def test_a_job_without_its_rendezvous_variables_names_them(monkeypatch, capsys):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.delenv('MASTER_ADDR', raising=False)
+    monkeypatch.setenv('MASTER_PORT', '29500')
+    assert tm.main(['--no-tsne']) == 2
+    assert one_line_error(capsys) == ('[rank 0] usage error: WORLD_SIZE=2 asks for a job, but MASTER_ADDR is not set: '
+                                      'start it with torchrun, which sets them')
+
+
+def test_a_folder_of_an_earlier_runs_outputs_is_not_a_new_runs(tmp_path, data_dir, capsys):
+    """Its model.pt deleted to save space, its summary.json kept: the new run's outputs would mix with it."""
+    old = tmp_path / 'old'
+    old.mkdir()
+    (old / 'summary.json').write_text('{"test_accuracy": 0.99}')
+    assert tm.main(['--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(old)]) == 2
+    assert one_line_error(capsys).startswith(f'usage error: {old} already holds a run (summary.json): ')
+    assert os.listdir(old) == ['summary.json']
+
+
+def test_a_folder_name_that_is_not_utf8_is_printed_escaped(tmp_path, data_dir, fixture_checksums):
+    out_dir = os.path.join(os.fsencode(tmp_path), b'caf\xe9')  # Latin-1, under a UTF-8 locale
+    code = (f'import sys, train_mnist_cnn as tm; tm.MNIST_MD5.update({fixture_checksums!r}); '
+            'sys.exit(tm.main(sys.argv[1:]))')
+    done = subprocess.run([sys.executable, '-c', code, '--no-tsne', '--device', 'cpu', '--data-dir', str(data_dir),
+                           '--out-dir', out_dir], capture_output=True, timeout=200,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg', 'LC_ALL': 'C.UTF-8'})
+    assert done.returncode == 0, done.stderr.decode(errors='replace')
+    assert done.stdout.decode().splitlines()[-1].endswith(f'files in {tmp_path}/caf\\xe9')
+    assert os.path.exists(os.path.join(out_dir, b'summary.json'))

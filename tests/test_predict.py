@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 import zlib
 
 import numpy as np
@@ -433,3 +434,32 @@ def test_an_image_changed_after_it_was_read_is_a_blank_in_the_picture(tmp_path, 
     else:
         path.unlink()
     assert np.array_equal(pd.as_given(str(path)), np.full((96, 96, 3), 255, dtype=np.uint8))
+
+
+def test_a_file_name_with_dollars_is_drawn_as_written(glyphs, glyph_md5, tmp_path, capsys):
+    """matplotlib reads $...$ as mathematics, and an odd number of $ as a syntax error."""
+    code, _, _ = predict([one_photo(glyphs, tmp_path / 'in', 'price_$5_$.png'), one_photo(glyphs, tmp_path / 'in',
+                         'a$b.png', 1), '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and (tmp_path / 'out' / 'predictions.png').exists()
+
+
+def test_a_link_to_nothing_in_a_folder_is_named(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    os.symlink(tmp_path / 'gone.png', folder / 'moved.png')
+    code, _, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 1 and err == f'{folder}/moved.png: a link to nothing\n'
+
+
+def test_a_reader_that_takes_one_line_costs_no_output(glyphs, tmp_path, fixture_checksums):
+    """`predict_digits.py digits 2>&1 | head -1`: the rest of the lines have nowhere to go; the files still do."""
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    (folder / 'bad.png').write_text('not pixels')
+    one_photo(glyphs, folder, 'two.png', 1)
+    process = run_script([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], fixture_checksums,
+                         script=PREDICT_SCRIPT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.stdout.readline()
+    process.stdout.close()  # as `head -1` does
+    assert process.wait(timeout=120) == 1  # an image could not be read
+    assert len(read_csv(tmp_path / 'out' / 'predictions.csv')) == 2

@@ -3,6 +3,8 @@ import csv
 import json
 import os
 import platform
+import pty
+import signal
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, run_script
 
 
 @pytest.fixture
@@ -231,3 +233,65 @@ def test_training_keeps_freed_memory(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(tm, 'keep_freed_memory', lambda: calls.append(1))
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
     assert calls == [1]
+
+
+# Side channels: printing may fail; training and its files may not
+
+def test_stdout_on_a_full_disk_is_one_line_and_the_run_completes(tmp_path, data_dir, fixture_checksums):
+    run = tmp_path / 'run'
+    with open('/dev/full', 'w') as full:
+        process = run_script([*FAST, '--data-dir', data_dir, '--out-dir', run], fixture_checksums, stdout=full,
+                             stderr=subprocess.PIPE, text=True)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert stderr == 'stdout failed (No space left on device); the run goes on without printing its progress\n'
+    assert (run / 'summary.json').exists()
+
+
+@pytest.mark.parametrize('hangup', [False, True])
+def test_a_terminal_closed_under_a_background_run_costs_nothing(tmp_path, data_dir, fixture_checksums, hangup):
+    """`python train_mnist_cnn.py &`, then the terminal window closed: the next print meets EIO; where the shell
+    passes its SIGHUP on, the run saves and stops with 129."""
+    run = tmp_path / 'run'
+    terminal, tty = pty.openpty()
+    process = run_script([*FAST, '--epochs', '3', '--batch-size', '10', '--data-dir', data_dir, '--out-dir', run],
+                         fixture_checksums, stdout=tty, stderr=tty,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    os.close(tty)
+    printed = b''
+    while b'| step ' not in printed:  # training has begun
+        printed += os.read(terminal, 1000)
+    os.close(terminal)  # the terminal is gone: its pty answers EIO
+    if hangup:
+        process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=120) == (129 if hangup else 0)
+    checkpoint = torch.load(run / 'model.pt', weights_only=True)
+    assert checkpoint['epoch'] == 3 and (run / 'summary.json').exists() if not hangup else checkpoint['step'] > 0
+
+
+def test_running_out_of_memory_is_one_line_and_keeps_the_steps_trained(tmp_path, data_dir, monkeypatch, capsys):
+    real_step, steps = tm.train_step, []
+
+    def step_that_runs_out_of_memory(*args):
+        steps.append(1)
+        if len(steps) == 7:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 96000000 bytes.")
+        return real_step(*args)
+    monkeypatch.setattr(tm, 'train_step', step_that_runs_out_of_memory)
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith('error: out of memory (DefaultCPUAllocator: ') and captured.err.count('\n') == 1
+    assert captured.err.endswith('; lower --batch-size\n') and 'checkpoint saved at step 6' in captured.out
+    assert torch.load(run / 'model.pt', weights_only=True)['step'] == 6
+    monkeypatch.setattr(tm, 'train_step', real_step)
+    assert tm.main(['--resume', str(run)]) == 0
+
+
+def test_images_a_second_counts_the_images_trained(tmp_path, data_dir):
+    """At --batch-size 599 an epoch of the fixture's 600 images is a step of 599 and a step of 1."""
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--batch-size', '599', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['steps'] == 2
+    assert summary['images_per_second'] * summary['train_seconds'] == pytest.approx(600, rel=0.01)

@@ -236,3 +236,56 @@ def test_every_label_of_the_pictures_lies_inside_them(tmp_path, monkeypatch):
             assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, \
                 (name, ax.get_title(), box)
         assert Image.open(tmp_path / name).size == (fig.bbox.width, fig.bbox.height)
+
+
+# The film is a side channel: when it fails, training goes on
+
+def test_closing_the_film_window_during_training_costs_nothing(tmp_path, data_dir, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(tm, 'interactive_backend', lambda log=None: True)  # a window (drawn by Agg here)
+    monkeypatch.setattr(plt, 'show', lambda block=None: None)
+    real_record, records = tm.Run.evaluate_and_record, []
+
+    def record_then_close_the_window(self, *args):
+        real_record(self, *args)
+        records.append(1)
+        if len(records) == 2:
+            plt.close('all')  # as its close button or `q` does
+    monkeypatch.setattr(tm.Run, 'evaluate_and_record', record_then_close_the_window)
+    run = tmp_path / 'run'
+    assert tm.main([*TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count('the t-SNE window is gone (its window was closed); the film goes on into tsne.gif') == 1
+    assert 'stays open' not in out and len(np.load(run / 'tsne.npz')['steps']) == 6
+
+
+def test_a_dead_network_stops_the_film_not_the_run(tmp_path):
+    """All features zero (every ReLU dead, as --lr 1 can leave them): scikit-learn's TSNE would crash the process."""
+    code = ('import numpy as np, torch, train_mnist_cnn as tm\n'
+            f'film = tm.TsneFilm(np.arange(100) % 10, 1, {str(tmp_path)!r}, {{}}, [], 10, False, print)\n'
+            'film.add_frame(torch.randn(100, 1568), torch.zeros(100, dtype=torch.long), 5, "first")\n'
+            'film.add_frame(torch.zeros(100, 1568), torch.zeros(100, dtype=torch.long), 10, "dead", last=True)\n'
+            'print(film.close()["tsne_frames"])')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        't-SNE film stopped: at step 10 all 100 filmed images have the same features (its ReLUs are dead: a lower '
+        '--lr trains); training goes on, and tsne.gif keeps the frames made so far', '1']
+    assert (tmp_path / 'tsne.gif').exists()
+
+
+@pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend'])
+def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_path, data_dir, fixture_checksums,
+                                                                         backend):
+    """From a notebook, `!python train_mnist_cnn.py` inherits the notebook's MPLBACKEND."""
+    code = (f'import sys, train_mnist_cnn as tm; tm.MNIST_MD5.update({fixture_checksums!r}); '
+            'sys.exit(tm.main(sys.argv[1:]))')
+    run = tmp_path / 'run'
+    done = subprocess.run([sys.executable, '-c', code, *TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir),
+                           '--out-dir', str(run)], capture_output=True, text=True, timeout=200,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': backend})
+    assert done.returncode == 0 and done.stderr == ''
+    assert f'matplotlib: MPLBACKEND={backend} cannot be used here (' in done.stdout
+    assert 'drawing to files only' in done.stdout and 'Traceback' not in done.stdout
+    assert {'curves.png', 'tsne.gif', 'summary.json'} <= set(os.listdir(run))
