@@ -36,7 +36,7 @@ import functools
 import glob
 import gzip
 import hashlib
-import importlib
+import importlib.util
 import io
 import json
 import math
@@ -125,6 +125,7 @@ path_name = matching(r'(?s).*\S.*', 'a path')
 
 
 TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that
+DRY_RUN_STEPS = 2     # steps an epoch in a --dry-run, whose film shows 100 points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +154,10 @@ class Config:
                              shown='at the end of each epoch only')
     resume: str = option('', 'continue from a checkpoint file or a run folder holding model.pt', path_name,
                          metavar='PATH', shown='')
+    dry_run: bool = option(False, 'every stage once, in seconds: two epochs of two steps, a checkpoint and a resume '
+                           'from it, the film, the pictures', flag='--dry-run')
+    tensorboard: bool = option(False, 'also write TensorBoard event files and the projector\'s features into the run '
+                               'folder (needs: pip install tensorboard)', flag='--tensorboard')
 
 
 CONFIG_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
@@ -330,6 +335,8 @@ class Run:
         self.test_images, self.test_labels = mnist['test_images'].to(device), mnist['test_labels'].to(device)
         self.eval_size = min(config.eval_size, len(self.test_images))
         self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
+        if config.dry_run:
+            self.steps_per_epoch = DRY_RUN_STEPS
         torch.manual_seed(config.seed)
         self.model = to_device(CNN(), device)
         self.optimizer = Adam(self.model.parameters(), config.lr)
@@ -351,6 +358,12 @@ class Run:
             self.trained_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == 'cuda' else None)
         self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
+        self.board = None  # TensorBoard's writer, with --tensorboard; a resumed run drops events from its later steps
+        if config.tensorboard and world.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(self.out_dir, purge_step=self.progress.step + 1 if self.progress.step else None)
+        self.features = None  # the last evaluation's, of the film's images: the projector's
+        self.kept_features = min(config.tsne_points, self.eval_size) if config.tsne or config.tensorboard else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
         self.film = None
         if self.tsne_points and world.is_main:
@@ -358,6 +371,7 @@ class Run:
             self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, self.progress.metrics,
                                  config.epochs * self.steps_per_epoch, device.type != 'cpu', log)
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
+        self.last_line = (time.perf_counter(), self.progress.step)  # when and at which step the last line was logged
         self.saved_step = self.progress.step
         self.startup_seconds = time.perf_counter() - PROCESS_STARTED
 
@@ -367,18 +381,30 @@ class Run:
 
     def evaluate_and_record(self, loss, images_per_second):
         """Score the eval subset, print a line, record the metrics row and queue a film frame."""
-        config, progress = self.config, self.progress
+        config, progress, now = self.config, self.progress, time.perf_counter()
+        # time left: the steps to go at the pace since the last line (evaluations and frames included), which
+        # from the second line on leaves out the first steps' warm-up
+        pace = (now - self.last_line[0]) / max(progress.step - self.last_line[1], 1)
+        left = round(pace * (config.epochs * self.steps_per_epoch - progress.step))
+        self.last_line = (now, progress.step)
         result = evaluate(self.model, self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
-                          self.tsne_points, config.precision)
+                          self.kept_features, config.precision)
+        self.features = result.features
         elapsed = self.elapsed()
-        progress.metrics.append({'epoch': progress.epoch + 1, 'step': progress.step, 'train_loss': round(loss, 6),
-                                 'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(elapsed, 3)})
+        row = {'epoch': progress.epoch + 1, 'step': progress.step, 'train_loss': round(loss, 6),
+               'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(elapsed, 3)}
+        progress.metrics.append(row)
         self.log(f'epoch {progress.epoch + 1:>2}/{config.epochs} | step {progress.step_in_epoch:>5}/'
                  f'{self.steps_per_epoch} | loss {loss:.4f} | eval acc {result.accuracy:.4f} '
-                 f'| {images_per_second:7.0f} img/s | {elapsed:7.1f} s')
+                 f'| {images_per_second:6.0f} img/s | {elapsed:.1f} s | eta {left // 60}:{left % 60:02d}')
+        if self.board is not None:
+            for tag, value in (('train/loss', row['train_loss']), ('eval/accuracy', row['eval_accuracy']),
+                               ('eval/loss', result.loss), ('train/images_per_second', images_per_second)):
+                self.board.add_scalar(tag, value, progress.step)
         if self.film is not None:
             last = progress.step + config.log_interval > config.epochs * self.steps_per_epoch
-            self.film.add_frame(result.features, result.predictions[:self.tsne_points], progress.step,
+            shown = slice(0, self.tsne_points)
+            self.film.add_frame(result.features[shown], result.predictions[shown], progress.step,
                                 f'Last layer, epoch {progress.epoch + 1}, step {progress.step}: eval accuracy '
                                 f'{result.accuracy:.3f}', last)
 
@@ -404,6 +430,8 @@ class Run:
             torch.save(checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state), buffer)
             write_atomic(os.path.join(self.out_dir, 'model.pt'), buffer.getvalue())
             write_metrics(self.out_dir, self.progress.metrics)
+            if self.board is not None:
+                self.board.flush()  # its events as far as the checkpoint
         self.saved_step = self.progress.step
 
     def save_after_failure(self):
@@ -415,6 +443,13 @@ class Run:
                 self.log(f'checkpoint saved at step {self.progress.step}; resume with: '
                          f'{resume_command(self.out_dir, self.world)}')
 
+    def close(self):
+        """The film's worker and window, and TensorBoard's writer, whether the run ended well or not."""
+        if self.film is not None:
+            self.film.stop()
+        if self.board is not None:
+            self.board.close()
+
     def stop(self, signals):
         """After a checkpoint: say where training stopped and how to go on, and stop."""
         self.log(f'interrupted at step {self.progress.step}; checkpoint saved. Resume with:\n'
@@ -424,8 +459,8 @@ class Run:
     def write_outputs(self, test, wall_started):
         """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
-        images = progress.epoch * len(self.train_images) + min(progress.step_in_epoch * config.batch_size,
-                                                                len(self.train_images))
+        epoch_images = min(self.steps_per_epoch * config.batch_size, len(self.train_images))
+        images = progress.epoch * epoch_images + min(progress.step_in_epoch * config.batch_size, epoch_images)
         self.log(f'{test.predictions[:10].tolist()} prediction number')
         self.log(f'{self.test_labels[:10].tolist()} real number')
         confusion = torch.bincount(self.test_labels * 10 + test.predictions, minlength=100).reshape(10, 10)
@@ -440,10 +475,33 @@ class Run:
             'startup_seconds': round(self.startup_seconds, 3),
             'device': str(self.device), 'world_size': self.world.size, 'seed': config.seed,
             'torch_version': str(torch.__version__), **film_stats, 'config': dataclasses.asdict(config),
+            **({'dry_run': True} if config.dry_run else {}),
         }
+        if self.board is not None:
+            self.write_board(test)
         write_json(os.path.join(self.out_dir, 'summary.json'), summary)
-        self.log(f'done: test accuracy {test.accuracy:.4f}, {train_seconds:.1f} s training; '
-                 f'files in {self.out_dir}')
+        self.log(f'{"dry run " if config.dry_run else ""}done: test accuracy {test.accuracy:.4f}, '
+                 f'{train_seconds:.1f} s training; files in {self.out_dir}')
+
+    def write_board(self, test):
+        """TensorBoard's end of the run: the test figures, the pictures, the settings with the final figures, and
+        for its projector the last evaluation's features of the film's images, labelled, each with its digit."""
+        from PIL import Image
+        step, board = self.progress.step, self.board
+        board.add_scalar('test/accuracy', test.accuracy, step)
+        board.add_scalar('test/loss', test.loss, step)
+        for name in ('curves', 'confusion', 'samples'):
+            with Image.open(os.path.join(self.out_dir, f'{name}.png')) as image:
+                board.add_image(name, np.asarray(image.convert('RGB')), step, dataformats='HWC')
+        settings = {name: getattr(self.config, name) for name in ('epochs', 'batch_size', 'lr', 'seed', 'precision')}
+        board.add_hparams(settings, {'hparam/test_accuracy': test.accuracy, 'hparam/test_loss': test.loss},
+                          run_name='.')  # beside the scalars, not in a folder of its own
+        if self.features is not None:
+            count = len(self.features)
+            board.add_embedding(self.features.float().cpu(), metadata=self.test_labels[:count].tolist(),
+                                label_img=to_unit_range(self.test_images[:count]).cpu(), global_step=step,
+                                tag='features')
+        board.close()
 
 
 # -----------------------------------------------------------------------------
@@ -555,11 +613,14 @@ class TsneFilm:
 
     def stop(self):
         self.worker.shutdown(cancel_futures=True)
+        if self.window is not None:
+            import matplotlib.pyplot as plt
+            plt.close(self.window.fig)
 
     def close(self):
         """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's figures."""
         self.show_ready(wait=True)
-        self.stop()
+        self.worker.shutdown()
         if not self.embeddings:
             return {}
         self.write_gif(os.path.join(self.out_dir, 'tsne.gif'))
@@ -845,9 +906,9 @@ def option_help(field):
 def add_flag(parser, name, **settings):
     """The flag of Config's field `name`, with its check and its help."""
     field = CONFIG_FIELDS[name]
-    if field.metadata['flag']:  # an on-by-default feature the flag turns off
-        parser.add_argument(field.metadata['flag'], dest=name, action='store_false', help=option_help(field),
-                            **settings)
+    if field.metadata['flag']:  # a switch: an on-by-default feature it turns off, or the other way round
+        parser.add_argument(field.metadata['flag'], dest=name, action='store_false' if field.default else 'store_true',
+                            help=option_help(field), **settings)
     else:
         parser.add_argument('--' + name.replace('_', '-'), type=field.metadata['check'],
                             metavar=field.metadata['metavar'], help=option_help(field), **settings)
@@ -911,6 +972,12 @@ def make_config(flags, resumed=None):
             raise UsageError(f'--epochs {epochs} is below the {resumed["epoch"]} epochs already trained')
     values.update(flags)
     config = Config(**values)
+    if config.dry_run:
+        if resumed is not None and not resumed['config']['dry_run']:
+            raise UsageError('--dry-run starts a run of its own; leave --resume out')
+        config = dataclasses.replace(config, epochs=2, log_interval=1, tsne_points=2 * TSNE_MIN_POINTS)
+    if config.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard')
     film_points = min(config.tsne_points, config.eval_size)
     if config.tsne and film_points < TSNE_MIN_POINTS:
         raise UsageError(f'--eval-size {config.eval_size} leaves the t-SNE film {film_points} points (it films the '
@@ -1658,6 +1725,8 @@ def stop_signals():
 def train_and_report(config, world, checkpoint, status, wall_started):
     device = resolve_device(config.device, world)
     check_precision(config.precision, device)
+    if config.dry_run and world.size > 1:
+        raise UsageError('--dry-run runs in one process; start it without torchrun')
     if config.batch_size < world.size:
         raise UsageError(f'--batch-size {config.batch_size} is smaller than the {world.size} processes; '
                          'it counts images per step over all of them')
@@ -1675,6 +1744,15 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
         if world.is_main:
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training
+        if config.dry_run and checkpoint is None:  # the first epoch, and its checkpoint resumed for the second
+            first = Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log)
+            status.stage = Stage.TRAINING
+            try:
+                train(first, status.signals)
+            finally:
+                first.close()
+            checkpoint = load_checkpoint(out_dir)
+            log(f'dry run: resuming from {os.path.join(out_dir, "model.pt")}')
         run = Run(config, world, device, mnist, checkpoint, log)
         try:
             status.stage = Stage.TRAINING
@@ -1693,8 +1771,7 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             if run.film is not None and run.film.live and someone_at_the_terminal():
                 run.film.keep_window_open(log)  # CI, pipes and nohup exit at once
         finally:
-            if run.film is not None:
-                run.film.stop()
+            run.close()
     return 0
 
 

@@ -4,10 +4,12 @@ import json
 import os
 import platform
 import pty
+import re
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -295,3 +297,71 @@ def test_images_a_second_counts_the_images_trained(tmp_path, data_dir):
     summary = json.loads((run / 'summary.json').read_text())
     assert summary['steps'] == 2
     assert summary['images_per_second'] * summary['train_seconds'] == pytest.approx(600, rel=0.01)
+
+
+# A dry run, time left, TensorBoard
+
+def test_a_dry_run_runs_every_stage_in_a_folder_of_its_own(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tm.main(['--dry-run', '--device', 'cpu', '--data-dir', str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    [run] = (tmp_path / 'runs').iterdir()
+    assert {'model.pt', 'metrics.csv', 'summary.json', 'curves.png', 'confusion.png', 'samples.png', 'tsne.gif',
+            'tsne.npz', 'tsne.png'} <= set(os.listdir(run))
+    assert f'dry run: resuming from {run.relative_to(tmp_path)}/model.pt' in out and 'dry run done:' in out
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['dry_run'] is True and summary['epochs'] == 2 and summary['steps'] == 4
+    with open(run / 'metrics.csv') as f:
+        assert [int(row['step']) for row in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert len(np.load(run / 'tsne.npz')['steps']) == 4
+
+
+def test_a_dry_run_does_not_resume_a_real_run(finished_run, capsys):
+    assert tm.main(['--resume', str(finished_run), '--dry-run']) == 2
+    assert capsys.readouterr().err == 'usage error: --dry-run starts a run of its own; leave --resume out\n'
+
+
+def test_each_log_line_says_the_time_left_in_under_100_characters(tmp_path, data_dir, capsys):
+    assert tm.main([*FAST, '--epochs', '3', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ' | step ' in line]
+    assert len(lines) == 9 and all(len(line) < 100 for line in lines)
+    left = [int(m) * 60 + int(s) for m, s in (re.search(r' \| eta (\d+):(\d\d)$', line).groups() for line in lines)]
+    assert left[-1] == 0 and left[0] >= left[4]
+
+
+def scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'tensors': 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
+
+
+def test_tensorboard_holds_the_metrics_rows_and_the_projectors_features(tmp_path, data_dir):
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--tensorboard', '--tsne-points', '60', '--data-dir', str(data_dir),
+                    '--out-dir', str(run)]) == 0
+    assert tm.main(['--resume', str(run), '--epochs', '2']) == 0  # appended to, no step twice
+    with open(run / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    board = scalars(run)
+    for tag, column in (('train/loss', 'train_loss'), ('eval/accuracy', 'eval_accuracy')):
+        assert [step for step, _ in board[tag]] == [int(row['step']) for row in rows]
+        assert [value for _, value in board[tag]] == pytest.approx([float(row[column]) for row in rows], rel=1e-6)
+    assert {'eval/loss', 'train/images_per_second', 'test/accuracy', 'hparam/test_accuracy'} <= board.keys()
+    assert board['test/accuracy'][-1] == (24, pytest.approx(json.loads((run / 'summary.json').read_text())
+                                                            ['test_accuracy']))
+    config = (run / 'projector_config.pbtxt').read_text()
+    assert 'tensor_path: "00024/features/tensors.tsv"' in config and 'sprite' in config
+    features = np.loadtxt(run / '00024' / 'features' / 'tensors.tsv', delimiter='\t')
+    labels = (run / '00024' / 'features' / 'metadata.tsv').read_text().split()
+    test_labels = tm.load_mnist(str(data_dir), False, tm.World(), print)['test_labels'][:60].tolist()
+    assert features.shape == (60, 1568) and [int(label) for label in labels] == test_labels
+
+
+def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):
+    real_find_spec = tm.importlib.util.find_spec
+    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'tensorboard' else
+                        real_find_spec(name))
+    assert tm.main(['--tensorboard', '--out-dir', str(tmp_path / 'run')]) == 2
+    assert capsys.readouterr().err == 'usage error: --tensorboard needs the tensorboard package: pip install tensorboard\n'
+    assert not (tmp_path / 'run').exists()
