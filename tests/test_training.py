@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_mnist_cnn as tm
 from conftest import FAST, ROOT, run_script
@@ -350,12 +351,17 @@ def test_tensorboard_holds_the_metrics_rows_and_the_projectors_features(tmp_path
     assert {'eval/loss', 'train/images_per_second', 'test/accuracy', 'hparam/test_accuracy'} <= board.keys()
     assert board['test/accuracy'][-1] == (24, pytest.approx(json.loads((run / 'summary.json').read_text())
                                                             ['test_accuracy']))
-    config = (run / 'projector_config.pbtxt').read_text()
-    assert 'tensor_path: "00024/features/tensors.tsv"' in config and 'sprite' in config
-    features = np.loadtxt(run / '00024' / 'features' / 'tensors.tsv', delimiter='\t')
-    labels = (run / '00024' / 'features' / 'metadata.tsv').read_text().split()
+    from google.protobuf import text_format
+    from tensorboard.plugins import projector
+    config = text_format.Parse((run / 'projector_config.pbtxt').read_text(), projector.ProjectorConfig())
+    [embedding] = config.embeddings  # the last evaluation's, at step 24
+    features = np.loadtxt(run / embedding.tensor_path, delimiter='\t')
+    labels = [int(label) for label in (run / embedding.metadata_path).read_text().split()]
     test_labels = tm.load_mnist(str(data_dir), False, tm.World(), print)['test_labels'][:60].tolist()
-    assert features.shape == (60, 1568) and [int(label) for label in labels] == test_labels
+    assert embedding.tensor_path == '00024/features/tensors.tsv' and features.shape == (60, 1568)
+    assert labels == test_labels and list(embedding.sprite.single_image_dim) == [28, 28]
+    with Image.open(run / embedding.sprite.image_path) as sprite:
+        assert sprite.size == (8 * 28, 8 * 28)  # 60 digits in rows of 8
 
 
 def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):
