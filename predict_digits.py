@@ -324,12 +324,8 @@ def predict(args, status, log):
             live = tm.interactive_backend(log)  # first: a backend that cannot work here is replaced by Agg
             film = film_for_predictions(run_dir, args.data_dir, model, device, log)
             tm.save_figure(draw_predictions(shown, counts['read'], film), picture)
-            if tm.someone_at_the_terminal() and live:  # shown until its window is closed
-                import matplotlib.pyplot as plt
-                image = plt.imread(picture)
-                plt.figure(num='predictions', figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
-                plt.figimage(image)
-                plt.show(block=True)
+            if tm.someone_at_the_terminal() and live:  # shown until its window is closed, or a stop signal
+                tm.show_until_closed(status, picture)
     return tm.EXIT_RUNTIME if counts['failed'] else 0
 
 

@@ -28,7 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
-import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import enum
@@ -681,15 +681,6 @@ class TsneFilm:
             images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:], duration=durations, loop=0)
         figure.still(os.path.join(self.out_dir, 'tsne.png'), PNG_DPI)
 
-    def keep_window_open(self, log):
-        """As the tutorial's plt.ioff(); plt.show(): the window stays on the last frame until it is closed."""
-        import matplotlib.pyplot as plt
-        log('the t-SNE window stays open on the last frame: close it to exit')
-        plt.show(block=True)
-        with contextlib.suppress(Exception):  # a window destroyed from outside leaves nothing to close
-            plt.close('all')
-
-
 FILM_INCHES, FILM_DPI, PNG_DPI = (9.6, 4.8), 100, 200  # GIF frames of 960x480, tsne.png 1920x960
 GLIDE_FRAMES, GLIDE_MS, HOLD_MS, LAST_HOLD_MS = 2, 80, 320, 3000
 GIF_MOST_FRAMES, GIF_COLOURS = 96, 64  # longer films show an even selection of their frames
@@ -784,7 +775,8 @@ def interactive_backend(log=None):
         if wanted:
             matplotlib.use(wanted)
         import matplotlib.pyplot as plt
-        backend = plt.get_backend()  # resolves it, importing its toolkit
+        backend = plt.get_backend()
+        plt.switch_backend(backend)  # imports its toolkit now, not at the first window
     except (ValueError, ImportError) as e:
         (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({str(e).split(";")[0].splitlines()[0]}); '
                      'drawing to files only')
@@ -793,6 +785,45 @@ def interactive_backend(log=None):
         return False
     from matplotlib.backends import BackendFilter, backend_registry
     return backend.lower() in backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+
+
+def show_until_closed(status, picture=None):
+    """As the tutorial's plt.ioff(); plt.show(): the windows (or the PNG `picture`, at its size) stay up until they
+    are closed, or until a stop signal comes: everything is written by then, so the run ends as done. Tk's loop
+    runs no Python until an event calls some, so a timer looks for collected signals every 0.2 s."""
+    import matplotlib.pyplot as plt
+    if picture is not None:
+        image = plt.imread(picture)
+        plt.figure(num=os.path.basename(picture), figsize=(image.shape[1] / 100, image.shape[0] / 100),
+                   dpi=100).figimage(image)
+    status.stage = Stage.SHOWING
+    timer = plt.gcf().canvas.new_timer(interval=200)
+    timer.add_callback(lambda: status.signals and plt.close('all'))
+    timer.start()
+    plt.show(block=True)
+    with contextlib.suppress(Exception):  # a window destroyed from outside leaves nothing to close
+        plt.close('all')
+
+
+def end_well_if_the_display_goes(run, status):
+    """Xlib ends the process when the display goes away (an ssh -X dropped under tmux): "XIO: fatal IO error",
+    exit 1, and no Python after it. Its handler is replaced by one that first saves the steps trained since the
+    last checkpoint, says so in one line and releases the run's folder; a run that was done ends as done."""
+    library = ctypes.util.find_library('X11')
+    if library is None or run.world.size > 1:
+        return
+
+    def display_gone(display):
+        done = status.stage in (Stage.DONE, Stage.SHOWING)
+        if not done:
+            run.save_after_failure()
+        say(f'{"" if done else "error: "}the display went away (its X server connection was lost)'
+            + ('' if done else '; training cannot go on without it'), sys.stderr)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(run.out_dir, LOCK_FILE))
+        os._exit(0 if done else EXIT_RUNTIME)
+    run.display_gone = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(display_gone)  # alive as long as the run
+    ctypes.CDLL(library).XSetIOErrorHandler(run.display_gone)
 
 
 def someone_at_the_terminal():
@@ -1696,7 +1727,8 @@ class Stage(enum.Enum):
     STARTING = enum.auto()  # flags, data, model: nothing written yet
     TRAINING = enum.auto()  # signals are collected: the loop finishes its step, saves and says how to resume
     OUTPUTS = enum.auto()   # training done and saved; the final outputs being written
-    DONE = enum.auto()      # everything written; the last frame may be on show
+    DONE = enum.auto()      # everything written
+    SHOWING = enum.auto()   # everything written, a window on show: signals are collected, and close it
     STOPPING = enum.auto()  # already stopping: a second signal ends the process at once, quietly
 
 
@@ -1722,7 +1754,7 @@ def signals_handled(status):
         return
 
     def handle(signum, frame):
-        if status.stage is Stage.TRAINING:
+        if status.stage in (Stage.TRAINING, Stage.SHOWING):
             status.signals.append(signum)
         elif status.stage is Stage.STOPPING:
             os._exit(128 + signum)
@@ -1781,6 +1813,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             checkpoint = load_checkpoint(out_dir)
             log(f'dry run: resuming from {os.path.join(out_dir, "model.pt")}')
         run = Run(config, world, device, mnist, checkpoint, log)
+        if run.film is not None and run.film.live:
+            end_well_if_the_display_goes(run, status)
         try:
             status.stage = Stage.TRAINING
             try:
@@ -1795,8 +1829,9 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             if world.size > 1:  # the processes end together: one that left the group early aborted in Gloo's exit
                 dist.barrier()
             status.stage = Stage.DONE
-            if run.film is not None and run.film.live and someone_at_the_terminal():
-                run.film.keep_window_open(log)  # CI, pipes and nohup exit at once
+            if run.film is not None and run.film.live and someone_at_the_terminal():  # not CI, pipes or nohup
+                log('the t-SNE window stays open on the last frame: close it to exit')
+                show_until_closed(status)
         finally:
             run.close()
     return 0

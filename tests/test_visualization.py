@@ -1,6 +1,7 @@
 """The t-SNE film and the pictures, on the fixture."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -173,21 +174,34 @@ def test_the_last_frame_stays_up_in_an_interactive_run_only(tmp_path, data_dir, 
         real_init(self, *args, **kwargs)
         self.live = True
     monkeypatch.setattr(tm.TsneFilm, '__init__', init_as_if_a_window_were_shown)
-    monkeypatch.setattr(tm.TsneFilm, 'keep_window_open',
-                        lambda self, log: kept_open.append((tmp_path / 'run' / 'summary.json').exists()))
+    monkeypatch.setattr(tm, 'show_until_closed',
+                        lambda status: kept_open.append((tmp_path / 'run' / 'summary.json').exists()))
     monkeypatch.setattr(sys, 'stdin', type('Terminal', (), {'isatty': lambda self: interactive})())
     assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
     assert kept_open == ([True] if interactive else [])
+    assert ('the t-SNE window stays open on the last frame: close it to exit' in capsys.readouterr().out) == interactive
 
 
-def test_keeping_the_window_open_says_so_and_blocks_until_it_is_closed(monkeypatch):
+def test_a_stop_signal_while_a_window_is_up_closes_it_and_all_ends_as_done(tmp_path, monkeypatch):
+    """Tk's loop runs no Python until an event calls some: Ctrl-C was ignored until the mouse crossed the window."""
     import matplotlib.pyplot as plt
-    calls, lines = [], []
-    monkeypatch.setattr(plt, 'show', lambda block=None: calls.append(f'show(block={block})'))
-    monkeypatch.setattr(plt, 'close', lambda which: calls.append(f'close({which})'))
-    tm.TsneFilm.keep_window_open(None, lines.append)
-    assert lines == ['the t-SNE window stays open on the last frame: close it to exit']
-    assert calls == ['show(block=True)', 'close(all)']
+    from matplotlib.backend_bases import FigureCanvasBase
+    timers, shown = [], []
+    real_new_timer = FigureCanvasBase.new_timer
+    monkeypatch.setattr(FigureCanvasBase, 'new_timer',
+                        lambda self, **kwargs: timers.append(real_new_timer(self, **kwargs)) or timers[-1])
+
+    def show(block=None):  # the window's loop: Ctrl-C, then the timer's next tick
+        shown.append(plt.get_fignums())
+        signal.raise_signal(signal.SIGINT)
+        timers[0]._on_timer()
+        shown.append(plt.get_fignums())
+    monkeypatch.setattr(plt, 'show', show)
+    Image.new('RGB', (120, 80), 'white').save(tmp_path / 'predictions.png')
+    status = tm.Status()
+    with tm.signals_handled(status):
+        tm.show_until_closed(status, str(tmp_path / 'predictions.png'))
+    assert len(shown[0]) == 1 and shown[1] == [] and status.signals == [signal.SIGINT]
 
 
 def test_a_film_saved_before_mistakes_were_recorded_resumes(tmp_path, data_dir):
@@ -275,10 +289,11 @@ def test_a_dead_network_stops_the_film_not_the_run(tmp_path):
     assert (tmp_path / 'tsne.gif').exists()
 
 
-@pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend'])
+@pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend', 'QtAgg'])
 def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_path, data_dir, fixture_checksums,
                                                                          backend):
-    """From a notebook, `!python train_mnist_cnn.py` inherits the notebook's MPLBACKEND."""
+    """From a notebook, `!python train_mnist_cnn.py` inherits the notebook's MPLBACKEND; QtAgg without a Qt binding
+    installed is a toolkit that cannot be imported, as TkAgg on a Python without tkinter."""
     code = (f'import sys, train_mnist_cnn as tm; tm.MNIST_MD5.update({fixture_checksums!r}); '
             'sys.exit(tm.main(sys.argv[1:]))')
     run = tmp_path / 'run'
@@ -289,3 +304,26 @@ def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_pat
     assert f'matplotlib: MPLBACKEND={backend} cannot be used here (' in done.stdout
     assert 'drawing to files only' in done.stdout and 'Traceback' not in done.stdout
     assert {'curves.png', 'tsne.gif', 'summary.json'} <= set(os.listdir(run))
+
+
+def test_a_display_that_goes_away_saves_the_steps_and_releases_the_folder(tmp_path, data_dir, fixture_checksums):
+    """Xlib ends the process when the X server's connection is lost (ssh -X dropped): its handler saves first."""
+    code = (f'import sys, matplotlib.pyplot as plt, train_mnist_cnn as tm\ntm.MNIST_MD5.update({fixture_checksums!r})\n'
+            'tm.interactive_backend = lambda log=None: True\nplt.show = lambda block=None: None\n'
+            'real, calls = tm.Run.evaluate_and_record, []\n'
+            'def record(self, *args):\n'
+            '    real(self, *args)\n'
+            '    calls.append(1)\n'
+            '    if len(calls) == 2:\n'
+            '        self.display_gone(None)  # as Xlib calls it\n'
+            'tm.Run.evaluate_and_record = record\n'
+            'sys.exit(tm.main(sys.argv[1:]))\n')
+    run = tmp_path / 'run'
+    done = subprocess.run([sys.executable, '-c', code, *TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)],
+                          capture_output=True, text=True, timeout=200,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
+    assert done.returncode == 1
+    assert done.stderr == ('error: the display went away (its X server connection was lost); training cannot go on '
+                           'without it\n')
+    assert 'checkpoint saved at step 8; resume with: ' in done.stdout
+    assert torch.load(run / 'model.pt', weights_only=True)['step'] == 8 and not (run / '.lock').exists()
