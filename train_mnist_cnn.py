@@ -1460,8 +1460,9 @@ def restore(checkpoint):
         for field in dataclasses.fields(Progress):
             value, kinds = getattr(progress, field.name), (int, float) if field.type is float else int
             if field.type is list:
-                if not all(isinstance(row, dict) and list(row) == METRICS_COLUMNS
-                           and all(is_number(x) and math.isfinite(x) for x in row.values()) for row in value):
+                if not isinstance(value, list) or not all(
+                        isinstance(row, dict) and list(row) == METRICS_COLUMNS
+                        and all(is_number(x) and math.isfinite(x) for x in row.values()) for row in value):
                     raise BadField(f'progress.{field.name} holds rows that are not numbers for '
                                    f'{", ".join(METRICS_COLUMNS)}')
             elif not (is_number(value, kinds) and 0 <= value < 2**63):
@@ -1481,9 +1482,11 @@ def restore(checkpoint):
         film = checkpoint.get('tsne') or {}
         predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
             if film else None
+        steps = torch.as_tensor(film['steps']) if film else None
         if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
-                         and bool(film['embeddings'].isfinite().all())
-                         and len(film['steps']) == len(film['titles']) == len(film['embeddings'])
+                         and bool(film['embeddings'].isfinite().all()) and steps.dtype == torch.int64
+                         and isinstance(film['titles'], list) and all(isinstance(t, str) for t in film['titles'])
+                         and len(steps) == len(film['titles']) == len(film['embeddings'])
                          and predictions.shape == film['embeddings'].shape[:2] and predictions.dtype == torch.int64
                          and bool(((predictions >= 0) & (predictions <= 9)).all())):
             raise BadField('tsne does not hold frames of the film')

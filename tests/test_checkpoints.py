@@ -462,6 +462,13 @@ def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, go
      'optimizer: 180.5 steps taken, where the run took 180'),
     (lambda c: [s.update(step=torch.tensor(0.0)) for s in c['optimizer']['state'].values()],
      'optimizer: 0 steps taken, where the run took'),
+    (lambda c: c['progress'].update(metrics={}), 'progress.metrics'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': ['a', 'b'], 'titles': ['a', 'b']},
+                        config={**c['config'], 'tsne': True}), 'tsne'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1.5, 2], 'titles': ['a', 'b']},
+                        config={**c['config'], 'tsne': True}), 'tsne'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1, 2], 'titles': [1, None]},
+                        config={**c['config'], 'tsne': True}), 'tsne'),
 ])
 def test_more_crafted_checkpoints_are_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
     test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field)
