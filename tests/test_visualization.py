@@ -273,20 +273,23 @@ def test_closing_the_film_window_during_training_costs_nothing(tmp_path, data_di
     assert 'stays open' not in out and len(np.load(run / 'tsne.npz')['steps']) == 6
 
 
-def test_a_dead_network_stops_the_film_not_the_run(tmp_path):
+@pytest.mark.parametrize('good_frames, kept', [(1, 'tsne.gif keeps the frames made so far'),
+                                               (0, 'no frame was made, so there is no tsne.gif')])
+def test_a_dead_network_stops_the_film_not_the_run(tmp_path, good_frames, kept):
     """All features zero (every ReLU dead, as --lr 1 can leave them): scikit-learn's TSNE would crash the process."""
     code = ('import numpy as np, torch, train_mnist_cnn as tm\n'
             f'film = tm.TsneFilm(np.arange(100) % 10, 1, {str(tmp_path)!r}, {{}}, [], 10, False, print)\n'
-            'film.add_frame(torch.randn(100, 1568), torch.zeros(100, dtype=torch.long), 5, "first")\n'
+            f'for step in range({good_frames}):\n'
+            '    film.add_frame(torch.randn(100, 1568), torch.zeros(100, dtype=torch.long), 5, "first")\n'
             'film.add_frame(torch.zeros(100, 1568), torch.zeros(100, dtype=torch.long), 10, "dead", last=True)\n'
-            'print(film.close()["tsne_frames"])')
+            'print(film.close().get("tsne_frames", 0))')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [
         't-SNE film stopped: at step 10 all 100 filmed images have the same features (its ReLUs are dead: a lower '
-        '--lr trains); training goes on, and tsne.gif keeps the frames made so far', '1']
-    assert (tmp_path / 'tsne.gif').exists()
+        f'--lr trains); training goes on, and {kept}', str(good_frames)]
+    assert (tmp_path / 'tsne.gif').exists() == bool(good_frames)
 
 
 @pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend', 'QtAgg'])
