@@ -584,7 +584,8 @@ class TsneFilm:
         self.show_ready(wait=not self.background)
 
     def stop_filming(self, why):
-        kept = 'tsne.gif keeps the frames made so far' if self.embeddings else 'no frame was made, so there is no tsne.gif'
+        kept = ('tsne.gif keeps the frames made so far' if self.embeddings
+                else 'no frame was made, so there is no tsne.gif')
         self.log(f't-SNE film stopped: {why}; training goes on, and {kept}')
         self.stopped = True
         self.pending.clear()

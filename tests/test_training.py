@@ -369,5 +369,6 @@ def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monk
     monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'tensorboard' else
                         real_find_spec(name))
     assert tm.main(['--tensorboard', '--out-dir', str(tmp_path / 'run')]) == 2
-    assert capsys.readouterr().err == 'usage error: --tensorboard needs the tensorboard package: pip install tensorboard\n'
+    assert capsys.readouterr().err == ('usage error: --tensorboard needs the tensorboard package: '
+                                       'pip install tensorboard\n')
     assert not (tmp_path / 'run').exists()

@@ -148,7 +148,8 @@ def test_a_frame_rings_the_misclassified_in_the_predicted_colour_and_counts_them
     pixels = np.asarray(figure.fig.canvas.buffer_rgba())
     assert pixels.shape[:2] == (480, 960) and len(np.unique(pixels.reshape(-1, 4), axis=0)) > 20
     figure.draw(embedding, tm.layout_limits(embedding), labels, 'Last layer, step 40', curves)
-    assert figure.title.get_text().endswith('0 of the 60 shown are misclassified') and not len(figure.rings.get_offsets())
+    assert figure.title.get_text().endswith('0 of the 60 shown are misclassified')
+    assert not len(figure.rings.get_offsets())
 
 
 def test_glide_frames_are_interpolated_layouts(tmp_path):
@@ -160,7 +161,8 @@ def test_glide_frames_are_interpolated_layouts(tmp_path):
     film.steps, film.predictions, film.titles = [10, 20], [labels, labels], ['a', 'b']
     embedding, limits, _, title, curves = film.frame(0, towards=1, share=0.25)
     assert np.allclose(embedding, 0.75 * film.embeddings[0] + 0.25 * film.embeddings[1])
-    assert np.allclose(limits, 0.75 * tm.layout_limits(film.embeddings[0]) + 0.25 * tm.layout_limits(film.embeddings[1]))
+    assert np.allclose(limits, 0.75 * tm.layout_limits(film.embeddings[0])
+                       + 0.25 * tm.layout_limits(film.embeddings[1]))
     assert title == 'a' and curves == metrics
     film.stop()
 
