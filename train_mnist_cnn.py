@@ -336,7 +336,7 @@ class Run:
         self.eval_size = min(config.eval_size, len(self.test_images))
         self.steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
         if config.dry_run:
-            self.steps_per_epoch = DRY_RUN_STEPS
+            self.steps_per_epoch = min(self.steps_per_epoch, DRY_RUN_STEPS)
         torch.manual_seed(config.seed)
         self.model = to_device(CNN(), device)
         self.optimizer = Adam(self.model.parameters(), config.lr)
@@ -1810,9 +1810,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training
         if config.dry_run and checkpoint is None:  # the first epoch, and its checkpoint resumed for the second
             first = Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log)
-            status.stage = Stage.TRAINING
             try:
-                train(first, status.signals)
+                train_saving_on_failure(first, status)
             finally:
                 first.close()
             checkpoint = load_checkpoint(out_dir)
@@ -1821,13 +1820,7 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         if run.film is not None and run.film.live:
             end_well_if_the_display_goes(run, status)
         try:
-            status.stage = Stage.TRAINING
-            try:
-                test = train(run, status.signals)
-            except Exception as e:
-                if not isinstance(e, (Stopped, RunError, OSError)):  # (their own lines say what stands)
-                    run.save_after_failure()
-                raise
+            test = train_saving_on_failure(run, status)
             status.stage = Stage.OUTPUTS
             if world.is_main:
                 run.write_outputs(test, wall_started)
@@ -1840,6 +1833,17 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         finally:
             run.close()
     return 0
+
+
+def train_saving_on_failure(run, status):
+    """train(); should it fail (memory, say), the steps since the last checkpoint are saved first."""
+    status.stage = Stage.TRAINING
+    try:
+        return train(run, status.signals)
+    except Exception as e:
+        if not isinstance(e, (Stopped, RunError, OSError)):  # (their own lines say what stands)
+            run.save_after_failure()
+        raise
 
 
 def main(argv=None):

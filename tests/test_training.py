@@ -272,21 +272,25 @@ def test_a_terminal_closed_under_a_background_run_costs_nothing(tmp_path, data_d
     assert checkpoint['epoch'] == 3 and (run / 'summary.json').exists() if not hangup else checkpoint['step'] > 0
 
 
-def test_running_out_of_memory_is_one_line_and_keeps_the_steps_trained(tmp_path, data_dir, monkeypatch, capsys):
+@pytest.mark.parametrize('flags, failing_step', [(FAST, 7), (['--dry-run', '--no-tsne'], 2)])
+def test_running_out_of_memory_is_one_line_and_keeps_the_steps_trained(tmp_path, data_dir, monkeypatch, capsys,
+                                                                       flags, failing_step):
+    """In a dry run's first epoch too, before the checkpoint it resumes from."""
     real_step, steps = tm.train_step, []
 
     def step_that_runs_out_of_memory(*args):
         steps.append(1)
-        if len(steps) == 7:
+        if len(steps) == failing_step:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 96000000 bytes.")
         return real_step(*args)
     monkeypatch.setattr(tm, 'train_step', step_that_runs_out_of_memory)
     run = tmp_path / 'run'
-    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
+    assert tm.main([*flags, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith('error: out of memory (DefaultCPUAllocator: ') and captured.err.count('\n') == 1
-    assert captured.err.endswith('; lower --batch-size\n') and 'checkpoint saved at step 6' in captured.out
-    assert torch.load(run / 'model.pt', weights_only=True)['step'] == 6
+    assert captured.err.endswith('; lower --batch-size\n')
+    assert f'checkpoint saved at step {failing_step - 1}' in captured.out
+    assert torch.load(run / 'model.pt', weights_only=True)['step'] == failing_step - 1
     monkeypatch.setattr(tm, 'train_step', real_step)
     assert tm.main(['--resume', str(run)]) == 0
 
@@ -315,6 +319,13 @@ def test_a_dry_run_runs_every_stage_in_a_folder_of_its_own(tmp_path, data_dir, m
     with open(run / 'metrics.csv') as f:
         assert [int(row['step']) for row in csv.DictReader(f)] == [1, 2, 3, 4]
     assert len(np.load(run / 'tsne.npz')['steps']) == 4
+
+
+def test_a_dry_run_whose_batch_takes_all_the_images_runs_one_step_an_epoch(tmp_path, data_dir):
+    run = tmp_path / 'run'
+    assert tm.main(['--dry-run', '--no-tsne', '--batch-size', '600', '--data-dir', str(data_dir), '--out-dir',
+                    str(run)]) == 0
+    assert json.loads((run / 'summary.json').read_text())['steps'] == 2
 
 
 def test_a_dry_run_does_not_resume_a_real_run(finished_run, capsys):
