@@ -155,7 +155,7 @@ def predict_all(model, device, entries, rows, log):
             read = []
             for path, result in readers.map(read_entry, batch):
                 if isinstance(result, str):
-                    tm.say(f'{printable(path)}: {result}', sys.stderr)
+                    tm.say(f'{printable(path)}: {result}', error=True)
                     counts['failed'] += 1
                 else:
                     read.append((path, result))

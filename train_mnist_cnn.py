@@ -820,7 +820,7 @@ def end_well_if_the_display_goes(run, status):
         if not done:
             run.save_after_failure()
         say(f'{"" if done else "error: "}the display went away (its X server connection was lost)'
-            + ('' if done else '; training cannot go on without it'), sys.stderr)
+            + ('' if done else '; training cannot go on without it'), error=True)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(run.out_dir, LOCK_FILE))
         os._exit(0 if done else EXIT_RUNTIME)
@@ -1700,11 +1700,14 @@ def make_logger(world, every_machine=False):
     return log
 
 
-def say(message, stream=None):
-    """Prints a line, to stdout unless told. Bytes of a file name that are no text come out as \\xNN. An output
-    that fails (`| head` has read its fill, the terminal was closed, the disk is full) is dropped, said once on
-    stderr where stderr still works, and the run goes on: printing is never worth a run."""
-    stream = stream or sys.stdout
+def say(message, error=False):
+    """Prints a line, to stdout, or to stderr if it is an `error`. Bytes of a file name that are no text come out as
+    \\xNN. An output that fails (`| head` has read its fill, the terminal was closed, the disk is full) is dropped,
+    said once on stderr where stderr still works, and the run goes on: printing is never worth a run. So is one
+    that is closed (`>&-`), which Python gives as None."""
+    stream = sys.stderr if error else sys.stdout
+    if stream is None:
+        return
     message = message.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
     try:
         print(message.encode(stream.encoding or 'utf-8', 'backslashreplace').decode(stream.encoding or 'utf-8'),
@@ -1713,7 +1716,7 @@ def say(message, stream=None):
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # what is left in its buffer goes there too
             if stream is sys.stdout and not isinstance(e, BrokenPipeError):
-                say(f'stdout failed ({e.strerror or e}); the run goes on without printing its progress', sys.stderr)
+                say(f'stdout failed ({e.strerror or e}); the run goes on without printing its progress', error=True)
 
 
 def resume_command(out_dir, world):
@@ -1892,7 +1895,7 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
     else:
         raise error
     if message:
-        say((f'[rank {world.rank}] ' if world.size > 1 else '') + message, sys.stderr)
+        say((f'[rank {world.rank}] ' if world.size > 1 else '') + message, error=True)
     return code
 
 

@@ -463,3 +463,15 @@ def test_a_reader_that_takes_one_line_costs_no_output(glyphs, tmp_path, fixture_
     process.stdout.close()  # as `head -1` does
     assert process.wait(timeout=120) == 1  # an image could not be read
     assert len(read_csv(tmp_path / 'out' / 'predictions.csv')) == 2
+
+
+def test_a_closed_stdout_costs_nothing(glyphs, tmp_path, fixture_checksums):
+    """`predict_digits.py digits >&-`: Python's sys.stdout is None; the files are written all the same."""
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    process = run_script([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], fixture_checksums,
+                         script=PREDICT_SCRIPT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: os.close(1))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and err == b''
+    assert len(read_csv(tmp_path / 'out' / 'predictions.csv')) == 1

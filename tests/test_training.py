@@ -251,6 +251,19 @@ def test_stdout_on_a_full_disk_is_one_line_and_the_run_completes(tmp_path, data_
     assert (run / 'summary.json').exists()
 
 
+@pytest.mark.parametrize('closed', [1, 2])
+def test_a_closed_stdout_or_stderr_costs_nothing(tmp_path, data_dir, fixture_checksums, closed):
+    """`python train_mnist_cnn.py >&-` (or `2>&-`): Python's sys.stdout (sys.stderr) is None."""
+    run = tmp_path / 'run'
+    process = run_script([*FAST, '--lr', 'x' if closed == 2 else '0.001', '--data-dir', data_dir, '--out-dir', run],
+                         fixture_checksums, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: os.close(closed))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == (2 if closed == 2 else 0) and b'Traceback' not in out + err
+    assert (out if closed == 2 else err) == b''  # where a line could go, it went; a usage error has nowhere to go
+    assert (run / 'summary.json').exists() == (closed == 1)
+
+
 @pytest.mark.parametrize('hangup', [False, True])
 def test_a_terminal_closed_under_a_background_run_costs_nothing(tmp_path, data_dir, fixture_checksums, hangup):
     """`python train_mnist_cnn.py &`, then the terminal window closed: the next print meets EIO; where the shell
