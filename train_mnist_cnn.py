@@ -478,11 +478,21 @@ class Run:
             'torch_version': str(torch.__version__), **film_stats, 'config': dataclasses.asdict(config),
             **({'dry_run': True} if config.dry_run else {}),
         }
-        if self.board is not None:
+        if self.board is not None and not self.board_holds_the_end():
             self.write_board(test)
         write_json(os.path.join(self.out_dir, 'summary.json'), summary)
         self.log(f'{"dry run " if config.dry_run else ""}done: test accuracy {test.accuracy:.4f}, '
                  f'{train_seconds:.1f} s training; files in {self.out_dir}')
+
+    def board_holds_the_end(self):
+        """Whether an earlier process of this run wrote TensorBoard's end at this very step (a finished run resumed,
+        its outputs written again; summary.json comes after it): it is not written twice."""
+        try:
+            with open(os.path.join(self.out_dir, 'summary.json')) as f:
+                summary = json.load(f)
+            return summary['steps'] == self.progress.step and summary['config']['tensorboard'] is True
+        except Exception:  # none, or one that is not this script's: the end is written
+            return False
 
     def write_board(self, test):
         """TensorBoard's end of the run: the test figures, the pictures, the settings with the final figures, and
@@ -496,7 +506,7 @@ class Run:
                 board.add_image(name, np.asarray(image.convert('RGB')), step, dataformats='HWC')
         settings = {name: getattr(self.config, name) for name in ('epochs', 'batch_size', 'lr', 'seed', 'precision')}
         board.add_hparams(settings, {'hparam/test_accuracy': test.accuracy, 'hparam/test_loss': test.loss},
-                          run_name='.')  # beside the scalars, not in a folder of its own
+                          run_name='.', global_step=step)  # beside the scalars, not in a folder of its own
         if self.features is not None:
             self.write_projector_files(step)
         board.close()
@@ -1036,14 +1046,29 @@ def make_config(flags, resumed=None):
         if resumed is not None and not resumed['config']['dry_run']:
             raise UsageError('--dry-run starts a run of its own; leave --resume out')
         config = dataclasses.replace(config, epochs=2, log_interval=1, tsne_points=2 * TSNE_MIN_POINTS)
-    if config.tensorboard and importlib.util.find_spec('tensorboard') is None:
-        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard')
+    if config.tensorboard:
+        check_tensorboard(config.out_dir)
     film_points = min(config.tsne_points, config.eval_size)
     if config.tsne and film_points < TSNE_MIN_POINTS:
         raise UsageError(f'--eval-size {config.eval_size} leaves the t-SNE film {film_points} points (it films the '
                          f'first --tsne-points of the eval subset) and it needs {TSNE_MIN_POINTS}: raise --eval-size '
                          'or add --no-tsne')
     return config
+
+
+def check_tensorboard(out_dir):
+    """--tensorboard needs torch.utils.tensorboard to import (the tensorboard package, new enough) and a folder name
+    that is text: TensorBoard's writer encodes it as UTF-8."""
+    if importlib.util.find_spec('tensorboard') is None:
+        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard')
+    try:
+        importlib.import_module('torch.utils.tensorboard')
+    except Exception as e:  # too old (torch asks for 1.15 or above), or broken
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UsageError(f'--tensorboard: the tensorboard package here cannot be used ({why}): '
+                         'pip install --upgrade tensorboard') from None
+    if any('\udc80' <= c <= '\udcff' for c in out_dir):  # bytes that are no UTF-8, as Python holds them
+        raise UsageError(f'--tensorboard: TensorBoard writes only into folders whose names are text, not {out_dir}')
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import train_mnist_cnn as tm
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT, SCRIPT, run_script
 
 
 @pytest.fixture
@@ -361,14 +361,25 @@ def scalars(folder):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
 
 
+def images(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={'images': 0})
+    events.Reload()
+    return {tag: [(e.step, e.encoded_image_string) for e in events.Images(tag)] for tag in events.Tags()['images']}
+
+
 def test_tensorboard_holds_the_metrics_rows_and_the_projectors_features(tmp_path, data_dir):
     run = tmp_path / 'run'
     assert tm.main([*FAST, '--tensorboard', '--tsne-points', '60', '--data-dir', str(data_dir),
                     '--out-dir', str(run)]) == 0
     assert tm.main(['--resume', str(run), '--epochs', '2']) == 0  # appended to, no step twice
+    assert tm.main(['--resume', str(run)]) == 0  # a finished run's outputs written again: no step twice either
     with open(run / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
     board = scalars(run)
+    for tag, points in {**board, **images(run)}.items():
+        assert len({step for step, _ in points}) == len(points), tag
+    assert [step for step, _ in board['hparam/test_accuracy']] == [12, 24]
     for tag, column in (('train/loss', 'train_loss'), ('eval/accuracy', 'eval_accuracy')):
         assert [step for step, _ in board[tag]] == [int(row['step']) for row in rows]
         assert [value for _, value in board[tag]] == pytest.approx([float(row[column]) for row in rows], rel=1e-6)
@@ -396,3 +407,26 @@ def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monk
     assert capsys.readouterr().err == ('usage error: --tensorboard needs the tensorboard package: '
                                        'pip install tensorboard\n')
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path):
+    """Installed but too old for torch.utils.tensorboard (it asks for 1.15 or above)."""
+    shim = tmp_path / 'shim' / 'tensorboard'
+    shim.mkdir(parents=True)
+    (shim / '__init__.py').write_text("__version__ = '1.14.0'\n")
+    done = subprocess.run([sys.executable, SCRIPT, '--tensorboard', '--out-dir', str(tmp_path / 'run')],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': str(tmp_path / 'shim')})
+    assert done.returncode == 2 and done.stdout == ''
+    assert done.stderr.startswith('usage error: --tensorboard: the tensorboard package here cannot be used (')
+    assert done.stderr.endswith('): pip install --upgrade tensorboard\n') and done.stderr.count('\n') == 1
+    assert not (tmp_path / 'run').exists()
+
+
+def test_tensorboard_into_a_folder_whose_name_is_no_text_is_one_line(tmp_path, capsys):
+    """A POSIX file name may hold bytes that are no UTF-8; TensorBoard's writer cannot take them."""
+    run = str(tmp_path) + '/run\udcff'
+    assert tm.main(['--tensorboard', '--out-dir', run]) == 2
+    assert capsys.readouterr().err == (f'usage error: --tensorboard: TensorBoard writes only into folders whose names '
+                                       f'are text, not {tmp_path}/run\\xff\n')
+    assert not os.path.exists(run)
