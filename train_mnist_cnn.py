@@ -121,7 +121,7 @@ def matching(pattern, expected):
 
 device_name = matching(r'auto|cpu|mps|cuda(:\d{1,3})?', 'auto, cpu, cuda, cuda:N or mps')
 precision_name = matching('fp32|bf16', 'fp32 or bf16')
-path_name = matching(r'(?s).*\S.*', 'a path')
+path_name = matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (no NUL byte)')
 
 
 TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that
@@ -345,7 +345,8 @@ class Run:
             self.model.load_state_dict(checkpoint['model'])
             self.optimizer.load_state_dict(checkpoint['optimizer'])
             self.progress = checkpoint['progress']
-            if self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch:
+            if (self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch
+                    or self.progress.step_in_epoch > self.steps_per_epoch):
                 raise RunError(f'--resume: the checkpoint\'s progress (epoch {self.progress.epoch}, step '
                                f'{self.progress.step}) does not fit {self.steps_per_epoch} steps an epoch: '
                                'it was made on other data')
@@ -1494,8 +1495,14 @@ def restore(checkpoint):
                                    f'{", ".join(METRICS_COLUMNS)}')
             elif not (is_number(value, kinds) and 0 <= value < 2**63):
                 raise BadField(f'progress.{field.name} is {value!r}, not a {field.type.__name__} from 0 to 2**63')
-        if (checkpoint['epoch'], checkpoint['step']) != (progress.epoch, progress.step):
-            raise BadField('epoch and step disagree with progress')
+        if [type(checkpoint['epoch']), type(checkpoint['step'])] != [int, int] or (
+                (checkpoint['epoch'], checkpoint['step']) != (progress.epoch, progress.step)):
+            raise BadField('epoch and step are not the whole numbers in progress')
+    if not isinstance(checkpoint.get('torch_version', ''), str):
+        raise BadField('torch_version is not text')
+    unknown = sorted(set(checkpoint) - CHECKPOINT_KEYS - {'tsne', 'torch_version'})
+    if unknown:
+        raise BadField(f'{unknown[0]} is unknown to this version of the script')
     with field_named('rng'):
         if checkpoint['rng']['torch'].shape != torch.get_rng_state().shape:
             raise BadField('rng.torch is not a state of this torch\'s generator')
@@ -1510,7 +1517,8 @@ def restore(checkpoint):
         predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
             if film else None
         steps = torch.as_tensor(film['steps']) if film else None
-        if film and not (film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
+        if film and not (set(film) <= {'embeddings', 'steps', 'titles', 'predictions'}
+                         and film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
                          and bool(film['embeddings'].isfinite().all()) and steps.dtype == torch.int64
                          and isinstance(film['titles'], list) and all(isinstance(t, str) for t in film['titles'])
                          and len(steps) == len(film['titles']) == len(film['embeddings'])
