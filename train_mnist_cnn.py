@@ -790,9 +790,9 @@ def interactive_backend(log=None):
         import matplotlib.pyplot as plt
         backend = plt.get_backend()
         plt.switch_backend(backend)  # imports its toolkit now, not at the first window
-    except (ValueError, ImportError) as e:
-        (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({str(e).split(";")[0].splitlines()[0]}); '
-                     'drawing to files only')
+    except Exception as e:  # a name it does not know, a toolkit not installed, a module that is no backend
+        why = (str(e).split(';')[0].splitlines() or [type(e).__name__])[0]
+        (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({why}); drawing to files only')
         import matplotlib.pyplot as plt
         plt.switch_backend('agg')
         return False

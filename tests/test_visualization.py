@@ -294,7 +294,8 @@ def test_a_dead_network_stops_the_film_not_the_run(tmp_path, good_frames, kept):
     assert (tmp_path / 'tsne.gif').exists() == bool(good_frames)
 
 
-@pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend', 'QtAgg'])
+@pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend', 'QtAgg',
+                                     'module://json'])
 def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_path, data_dir, fixture_checksums,
                                                                          backend):
     """From a notebook, `!python train_mnist_cnn.py` inherits the notebook's MPLBACKEND; QtAgg without a Qt binding
