@@ -197,6 +197,8 @@ def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
             embedding, labels = film['embeddings'][-1].astype(np.float32), film['labels'].astype(np.int64)
         if embedding.shape != (len(labels), 2) or not np.isfinite(embedding).all() or labels.ndim != 1:
             raise ValueError('its frames and labels do not fit together')
+        if len(labels) < neighbours:
+            raise ValueError(f'it shows {len(labels)} images, fewer than the {neighbours} an image is placed by')
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
         log(f'note: no t-SNE panel: {path} cannot be read ({" ".join(str(e).split())[:100]})')
         return None
@@ -305,7 +307,7 @@ def predict(args, status, log):
     model.load_state_dict(tm.load_checkpoint(model_file, '--model', model_only=True)['model'])
     run_dir = os.path.dirname(model_file) or '.'
     trained = 'no summary.json: its run did not finish'
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
         with open(os.path.join(run_dir, 'summary.json')) as f:
             trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
     log(f'model: {model_file} ({trained})')

@@ -345,7 +345,9 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(glyphs, glyph_md5, tmp_
 @pytest.mark.parametrize('damage', [lambda p: p.write_bytes(os.urandom(300)),
                                     lambda p: np.savez(p, something_else=np.zeros(3)),
                                     lambda p: np.savez(p, embeddings=np.full((1, 100, 2), np.nan),
-                                                       labels=np.zeros(100, dtype=np.int64))])
+                                                       labels=np.zeros(100, dtype=np.int64)),
+                                    lambda p: np.savez(p, embeddings=np.zeros((1, 5, 2)),
+                                                       labels=np.zeros(5, dtype=np.int64))])
 def test_a_damaged_film_beside_the_model_is_a_note(glyphs, glyph_md5, tmp_path, capsys, damage):
     run = tmp_path / 'run'
     shutil.copytree(glyphs['run'], run)
@@ -354,6 +356,15 @@ def test_a_damaged_film_beside_the_model_is_a_note(glyphs, glyph_md5, tmp_path, 
                             '--out-dir', tmp_path / 'out'], capsys)
     assert code == 0 and f'note: no t-SNE panel: {run}/tsne.npz cannot be read' in out
     assert (tmp_path / 'out' / 'predictions.png').exists()
+
+
+def test_a_damaged_summary_beside_the_model_is_not_read(glyphs, glyph_md5, tmp_path, capsys):
+    run = tmp_path / 'run'
+    shutil.copytree(glyphs['run'], run)
+    (run / 'summary.json').write_text('[' * 100_000)  # deeper than Python's JSON reader goes
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', run, '--data-dir', glyphs['data'],
+                            '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and f'model: {run}/model.pt (no summary.json: its run did not finish)' in out
 
 
 def test_a_pipe_is_not_read_and_nothing_hangs(glyphs, tmp_path, fixture_checksums):
