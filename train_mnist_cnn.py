@@ -408,7 +408,7 @@ class Run:
         self.last_line = (now, progress.step)
         self.log(f'epoch {progress.epoch + 1:>2}/{config.epochs} | step {progress.step_in_epoch:>5}/'
                  f'{self.steps_per_epoch} | loss {loss:.4f} | eval acc {result.accuracy:.4f} '
-                 f'| {images_per_second:6.0f} img/s | {elapsed:.1f} s | eta {left // 60}:{left % 60:02d}')
+                 f'| {images_per_second:6.0f} img/s | {elapsed:.1f} s | eta {clock(left)}')
 
     def test_all(self):
         """The full test set, scored and logged."""
@@ -534,6 +534,12 @@ class Run:
         embedding.sprite.image_path = f'{folder}/sprite.png'
         embedding.sprite.single_image_dim.extend([28, 28])
         projector.visualize_embeddings(self.out_dir, config)
+
+
+def clock(seconds):
+    """Whole seconds as m:ss, or as h:mm:ss from an hour on."""
+    hours, rest = divmod(seconds, 3600)
+    return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
 
 
 # -----------------------------------------------------------------------------

@@ -352,6 +352,8 @@ def test_each_log_line_says_the_time_left_in_under_100_characters(tmp_path, data
     assert len(lines) == 9 and all(len(line) < 100 for line in lines)
     left = [int(m) * 60 + int(s) for m, s in (re.search(r' \| eta (\d+):(\d\d)$', line).groups() for line in lines)]
     assert left[-1] == 0 and left[0] >= left[4]
+    assert [tm.clock(s) for s in (0, 12, 599, 3599, 3600, 25 * 3600 + 61)] == [
+        '0:00', '0:12', '9:59', '59:59', '1:00:00', '25:01:01']  # a long run's hours, as tqdm shows them
 
 
 def scalars(folder):
