@@ -125,7 +125,8 @@ path_name = matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (no NUL byte)')
 
 
 TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that
-DRY_RUN_STEPS = 2     # steps an epoch in a --dry-run, whose film shows 100 points
+DRY_RUN_STEPS = 2     # steps an epoch in a --dry-run, at most
+DRY_RUN_SETS = {'epochs': 2, 'log_interval': 1, 'tsne_points': 2 * TSNE_MIN_POINTS}  # and these settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1050,9 +1051,13 @@ def make_config(flags, resumed=None):
     values.update(flags)
     config = Config(**values)
     if config.dry_run:
-        if resumed is not None and not resumed['config']['dry_run']:
+        if resumed is not None and not resumed['config'].get('dry_run'):  # (older checkpoints have no dry_run)
             raise UsageError('--dry-run starts a run of its own; leave --resume out')
-        config = dataclasses.replace(config, epochs=2, log_interval=1, tsne_points=2 * TSNE_MIN_POINTS)
+        for name in DRY_RUN_SETS:
+            if name in flags:
+                raise UsageError(f'--{name.replace("_", "-")} {flags[name]}: a dry run sets it itself (two epochs of '
+                                 'two steps, a line and a frame each step, a film of 100 points)')
+        config = dataclasses.replace(config, **DRY_RUN_SETS)
     if config.tensorboard:
         check_tensorboard(config.out_dir)
     film_points = min(config.tsne_points, config.eval_size)

@@ -512,6 +512,18 @@ def test_a_checkpoint_of_a_version_that_still_had_predict_resumes(tmp_path, good
     assert resumed['step'] > checkpoint['step'] and 'predict' not in resumed['config']
 
 
+def test_a_checkpoint_from_before_the_dry_run_resumes_and_refuses_one(tmp_path, good_checkpoint, capsys):
+    """Before --dry-run and --tensorboard, their settings were in no checkpoint."""
+    checkpoint = torch.load(io.BytesIO(good_checkpoint), weights_only=True)
+    del checkpoint['config']['dry_run'], checkpoint['config']['tensorboard']
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save(checkpoint, run / 'model.pt')
+    assert tm.main(['--resume', str(run), '--dry-run']) == 2
+    assert capsys.readouterr().err == 'usage error: --dry-run starts a run of its own; leave --resume out\n'
+    assert tm.main(['--resume', str(run), '--epochs', str(checkpoint['config']['epochs'] + 1)]) == 0
+
+
 def test_a_stray_world_size_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv('WORLD_SIZE', 'two')
     assert tm.main(['--help']) == 2

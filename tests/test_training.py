@@ -341,6 +341,18 @@ def test_a_dry_run_whose_batch_takes_all_the_images_runs_one_step_an_epoch(tmp_p
     assert json.loads((run / 'summary.json').read_text())['steps'] == 2
 
 
+@pytest.mark.parametrize('resume', [False, True])
+def test_a_dry_run_refuses_the_flags_it_sets_itself(tmp_path, data_dir, capsys, resume):
+    run = tmp_path / 'run'
+    if resume:
+        assert tm.main(['--dry-run', '--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+        capsys.readouterr()
+    start = ['--resume', str(run)] if resume else ['--dry-run', '--data-dir', str(data_dir), '--out-dir', str(run)]
+    assert tm.main([*start, '--epochs', '5']) == 2
+    assert capsys.readouterr().err == ('usage error: --epochs 5: a dry run sets it itself (two epochs of two steps, '
+                                       'a line and a frame each step, a film of 100 points)\n')
+
+
 def test_a_dry_run_does_not_resume_a_real_run(finished_run, capsys):
     assert tm.main(['--resume', str(finished_run), '--dry-run']) == 2
     assert capsys.readouterr().err == 'usage error: --dry-run starts a run of its own; leave --resume out\n'
