@@ -1853,8 +1853,10 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
-        if world.is_main:
+        if world.is_main and config.tsne:
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training
+        elif world.is_main:  # the pictures go to files with no backend: MPLBACKEND (a notebook's, say) is not used
+            os.environ.pop('MPLBACKEND', None)
         if config.dry_run and checkpoint is None:  # the first epoch, and its checkpoint resumed for the second
             first = Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log)
             try:
