@@ -3,7 +3,6 @@ import csv
 import json
 import os
 import platform
-import pty
 import re
 import signal
 import subprocess
@@ -268,6 +267,7 @@ def test_a_closed_stdout_or_stderr_costs_nothing(tmp_path, data_dir, fixture_che
 def test_a_terminal_closed_under_a_background_run_costs_nothing(tmp_path, data_dir, fixture_checksums, hangup):
     """`python train_mnist_cnn.py &`, then the terminal window closed: the next print meets EIO; where the shell
     passes its SIGHUP on, the run saves and stops with 129."""
+    pty = pytest.importorskip('pty', reason='a POSIX terminal')  # (imported here: Windows has none, nor termios)
     run = tmp_path / 'run'
     terminal, tty = pty.openpty()
     process = run_script([*FAST, '--epochs', '3', '--batch-size', '10', '--data-dir', data_dir, '--out-dir', run],

@@ -1,4 +1,5 @@
 """The t-SNE film and the pictures, on the fixture."""
+import ctypes.util
 import json
 import os
 import signal
@@ -314,6 +315,7 @@ def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_pat
     assert {'curves.png', 'tsne.gif', 'summary.json'} <= set(os.listdir(run))
 
 
+@pytest.mark.skipif(ctypes.util.find_library('X11') is None, reason='Xlib, whose handler this is, is not installed')
 def test_a_display_that_goes_away_saves_the_steps_and_releases_the_folder(tmp_path, data_dir, fixture_checksums):
     """Xlib ends the process when the X server's connection is lost (ssh -X dropped): its handler saves first."""
     code = (f'import sys, matplotlib.pyplot as plt, train_mnist_cnn as tm\ntm.MNIST_MD5.update({fixture_checksums!r})\n'
