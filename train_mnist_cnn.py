@@ -420,8 +420,9 @@ class Run:
 
     def check_finite(self, loss):
         if loss is not None and any_process(not torch.isfinite(loss).item(), self.world, self.device):
-            raise RunError(f'the training loss is no longer finite at step {self.progress.step}; try a lower --lr '
-                           f'(now {self.config.lr}). The last good checkpoint is kept in {self.out_dir}')
+            raise RunError(f'the training loss is no longer finite at step {self.progress.step}; start anew with a '
+                           f'lower --lr (now {self.config.lr}; a resumed run keeps its own). The last good checkpoint '
+                           f'is kept in {self.out_dir}')
 
     def save(self, loss):
         """The one place that checks the loss and writes the checkpoint, whatever the reason to save."""
@@ -1931,7 +1932,9 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
         message, code = f'error: {error}', EXIT_RUNTIME
     elif isinstance(error, torch.OutOfMemoryError) or isinstance(error, RuntimeError) and re.search(
             r"out of memory|can't allocate memory|not enough memory", str(error)):
-        message, code = f'error: out of memory ({str(error).splitlines()[0][:120]}); lower --batch-size', EXIT_RUNTIME
+        message = (f'error: out of memory ({str(error).splitlines()[0][:120]}); free some memory and resume, or start '
+                   'anew with a lower --batch-size (a resumed run keeps its own)')
+        code = EXIT_RUNTIME
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
         kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
         message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME

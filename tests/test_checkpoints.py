@@ -134,7 +134,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     run = tmp_path / 'run'
     assert tm.main([*FAST, '--save-every', '4', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
     err = capsys.readouterr().err
-    assert 'loss is no longer finite at step 8' in err and 'try a lower --lr' in err
+    assert 'loss is no longer finite at step 8' in err
+    assert 'start anew with a lower --lr (now 0.001; a resumed run keeps its own)' in err
     assert torch.load(run / 'model.pt', weights_only=True)['step'] == 4
 
 

@@ -301,7 +301,8 @@ def test_running_out_of_memory_is_one_line_and_keeps_the_steps_trained(tmp_path,
     assert tm.main([*flags, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith('error: out of memory (DefaultCPUAllocator: ') and captured.err.count('\n') == 1
-    assert captured.err.endswith('; lower --batch-size\n')
+    assert captured.err.endswith('; free some memory and resume, or start anew with a lower --batch-size (a resumed '
+                                 'run keeps its own)\n')
     assert f'checkpoint saved at step {failing_step - 1}' in captured.out
     assert torch.load(run / 'model.pt', weights_only=True)['step'] == failing_step - 1
     monkeypatch.setattr(tm, 'train_step', real_step)
