@@ -836,10 +836,13 @@ def end_well_if_the_display_goes(run, status):
 
     def display_gone(display):
         done = status.stage in (Stage.DONE, Stage.SHOWING)
-        if not done:
+        if status.stage is Stage.TRAINING:
             run.save_after_failure()
-        say(f'{"" if done else "error: "}the display went away (its X server connection was lost)'
-            + ('' if done else '; training cannot go on without it'), error=True)
+        what_stands = {Stage.TRAINING: '; training cannot go on without it',
+                       Stage.OUTPUTS: '; training is done and saved: write the outputs with: '
+                                      + resume_command(run.out_dir, run.world)}.get(status.stage, '')
+        say(f'{"" if done else "error: "}the display went away (its X server connection was lost){what_stands}',
+            error=True)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(run.out_dir, LOCK_FILE))
         os._exit(0 if done else EXIT_RUNTIME)

@@ -316,8 +316,11 @@ def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_pat
 
 
 @pytest.mark.skipif(ctypes.util.find_library('X11') is None, reason='Xlib, whose handler this is, is not installed')
-def test_a_display_that_goes_away_saves_the_steps_and_releases_the_folder(tmp_path, data_dir, fixture_checksums):
-    """Xlib ends the process when the X server's connection is lost (ssh -X dropped): its handler saves first."""
+@pytest.mark.parametrize('stage', ['training', 'outputs'])
+def test_a_display_that_goes_away_saves_the_steps_and_releases_the_folder(tmp_path, data_dir, fixture_checksums,
+                                                                         stage):
+    """Xlib ends the process when the X server's connection is lost (ssh -X dropped): its handler saves first, or
+    says that training is saved when it was."""
     code = (f'import sys, matplotlib.pyplot as plt, train_mnist_cnn as tm\ntm.MNIST_MD5.update({fixture_checksums!r})\n'
             'tm.interactive_backend = lambda log=None: True\nplt.show = lambda block=None: None\n'
             'real, calls = tm.Run.evaluate_and_record, []\n'
@@ -326,13 +329,22 @@ def test_a_display_that_goes_away_saves_the_steps_and_releases_the_folder(tmp_pa
             '    calls.append(1)\n'
             '    if len(calls) == 2:\n'
             '        self.display_gone(None)  # as Xlib calls it\n'
-            'tm.Run.evaluate_and_record = record\n'
+            'def write_outputs(self, *args):\n'
+            '    self.display_gone(None)\n'
+            + ('tm.Run.evaluate_and_record = record\n' if stage == 'training' else
+               'tm.Run.write_outputs = write_outputs\n') +
             'sys.exit(tm.main(sys.argv[1:]))\n')
     run = tmp_path / 'run'
     done = subprocess.run([sys.executable, '-c', code, *TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)],
                           capture_output=True, text=True, timeout=200,
                           env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
-    assert done.returncode == 1
+    assert done.returncode == 1 and not (run / '.lock').exists()
+    if stage == 'outputs':
+        assert done.stderr.startswith('error: the display went away (its X server connection was lost); training is '
+                                      'done and saved: write the outputs with: ')
+        assert done.stderr.endswith(f'--resume {run}\n') and done.stderr.count('\n') == 1
+        assert torch.load(run / 'model.pt', weights_only=True)['epoch'] == 2
+        return
     assert done.stderr == ('error: the display went away (its X server connection was lost); training cannot go on '
                            'without it\n')
     assert 'checkpoint saved at step 8; resume with: ' in done.stdout
