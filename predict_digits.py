@@ -200,7 +200,7 @@ def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
         if len(labels) < neighbours:
             raise ValueError(f'it shows {len(labels)} images, fewer than the {neighbours} an image is placed by')
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
-        log(f'note: no t-SNE panel: {path} cannot be read ({" ".join(str(e).split())[:100]})')
+        log(f'note: no t-SNE panel: {path} cannot be read ({tm.one_line(e, 100)})')
         return None
     if not np.array_equal(tm.idx_tensor(files['t10k-labels-idx1-ubyte'])[:len(labels)].numpy(), labels):
         log(f'note: no t-SNE panel: the test images in --data-dir {data_dir} are not the ones its film shows')

@@ -616,7 +616,7 @@ class TsneFilm:
             try:
                 embedding = future.result()
             except Exception as e:  # the worker's failure, carried by its future
-                return self.stop_filming(f't-SNE failed: {" ".join(str(e).split()) or type(e).__name__}')
+                return self.stop_filming(f't-SNE failed: {one_line(e)}')
             self.embeddings.append(embedding)
             self.steps.append(step)
             self.predictions.append(predictions)
@@ -961,6 +961,11 @@ class Stopped(Exception):
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
 
+def one_line(error, limit=160):
+    """An exception's message as one line of at most `limit` characters, or its type's name if it has none."""
+    return ' '.join(str(error).split())[:limit] or type(error).__name__
+
+
 def is_number(value, kinds=(int, float)):
     """For values read back from files: True and False are ints to Python, never numbers here."""
     return isinstance(value, kinds) and not isinstance(value, bool)
@@ -1080,8 +1085,7 @@ def check_tensorboard(out_dir):
     try:
         importlib.import_module('torch.utils.tensorboard')
     except Exception as e:  # too old (torch asks for 1.15 or above), or broken
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UsageError(f'--tensorboard: the tensorboard package here cannot be used ({why}): '
+        raise UsageError(f'--tensorboard: the tensorboard package here cannot be used ({one_line(e)}): '
                          'pip install --upgrade tensorboard') from None
     if any('\udc80' <= c <= '\udcff' for c in out_dir):  # bytes that are no UTF-8, as Python holds them
         raise UsageError(f'--tensorboard: TensorBoard writes only into folders whose names are text, not {out_dir}')
@@ -1263,7 +1267,7 @@ def ensure_mnist(data_dir, download, log):
                 for name in files:  # only once all four passed their md5
                     os.replace(os.path.join(fetched, name), os.path.join(raw, name))
         except Exception as e:  # any failure of a source moves on to the next one
-            reason = ' '.join(str(e).split()) or type(e).__name__
+            reason = one_line(e, limit=None)
             attempts.append((what, reason))
             log(f'data: the {what} failed: {reason}')
             continue
@@ -1588,7 +1592,7 @@ def field_named(name):
     except BadField:
         raise
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError, OverflowError) as e:
-        raise BadField(f'{name}: {" ".join(str(e).split())[:160] or type(e).__name__}') from None
+        raise BadField(f'{name}: {one_line(e)}') from None
 
 
 def load_checkpoint(path, flag='--resume', model_only=False):
@@ -1935,7 +1939,7 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
         message, code = f'error: {error}', EXIT_RUNTIME
     elif isinstance(error, torch.OutOfMemoryError) or isinstance(error, RuntimeError) and re.search(
             r"out of memory|can't allocate memory|not enough memory", str(error)):
-        message = (f'error: out of memory ({str(error).splitlines()[0][:120]}); free some memory and resume, or start '
+        message = (f'error: out of memory ({one_line(error, 120)}); free some memory and resume, or start '
                    'anew with a lower --batch-size (a resumed run keeps its own)')
         code = EXIT_RUNTIME
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
