@@ -831,7 +831,7 @@ def end_well_if_the_display_goes(run, status):
     exit 1, and no Python after it. Its handler is replaced by one that first saves the steps trained since the
     last checkpoint, says so in one line and releases the run's folder; a run that was done ends as done."""
     library = ctypes.util.find_library('X11')
-    if library is None or run.world.size > 1:
+    if library is None or run.world.size > 1 or run.film is None or not run.film.live:  # (no window, no display)
         return
 
     def display_gone(display):
@@ -1874,8 +1874,6 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             checkpoint = load_checkpoint(out_dir)
             log(f'dry run: resuming from {os.path.join(out_dir, "model.pt")}')
         run = Run(config, world, device, mnist, checkpoint, log)
-        if run.film is not None and run.film.live:
-            end_well_if_the_display_goes(run, status)
         try:
             test = train_saving_on_failure(run, status)
             status.stage = Stage.OUTPUTS
@@ -1893,7 +1891,9 @@ def train_and_report(config, world, checkpoint, status, wall_started):
 
 
 def train_saving_on_failure(run, status):
-    """train(); should it fail (memory, say), the steps since the last checkpoint are saved first."""
+    """train(); should it fail (memory, say) or the display go away, the steps since the last checkpoint are saved
+    first."""
+    end_well_if_the_display_goes(run, status)
     status.stage = Stage.TRAINING
     try:
         return train(run, status.signals)
