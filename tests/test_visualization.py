@@ -297,12 +297,9 @@ def test_a_dead_network_stops_the_film_not_the_run(tmp_path, good_frames, kept):
     assert (tmp_path / 'tsne.gif').exists() == bool(good_frames)
 
 
-@pytest.mark.parametrize('backend', ['module://matplotlib_inline.backend_inline', 'NoSuchBackend', 'QtAgg',
-                                     'module://json'])
-def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_path, data_dir, fixture_checksums,
-                                                                         backend):
-    """From a notebook, `!python train_mnist_cnn.py` inherits the notebook's MPLBACKEND; QtAgg without a Qt binding
-    installed is a toolkit that cannot be imported, as TkAgg on a Python without tkinter."""
+def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_path, data_dir, fixture_checksums):
+    """From a notebook, `!python train_mnist_cnn.py` inherits the notebook's MPLBACKEND."""
+    backend = 'module://matplotlib_inline.backend_inline'
     code = (f'import sys, train_mnist_cnn as tm; tm.MNIST_MD5.update({fixture_checksums!r}); '
             'sys.exit(tm.main(sys.argv[1:]))')
     run = tmp_path / 'run'
@@ -313,6 +310,19 @@ def test_a_backend_that_cannot_work_here_is_one_line_and_files_are_drawn(tmp_pat
     assert f'matplotlib: MPLBACKEND={backend} cannot be used here (' in done.stdout
     assert 'drawing to files only' in done.stdout and 'Traceback' not in done.stdout
     assert {'curves.png', 'tsne.gif', 'summary.json'} <= set(os.listdir(run))
+
+
+@pytest.mark.parametrize('backend', ['NoSuchBackend', 'QtAgg', 'module://json'])
+def test_other_backends_that_cannot_work_here_are_one_line(backend):
+    """A name matplotlib does not know; QtAgg without a Qt binding installed, a toolkit that cannot be imported, as
+    TkAgg on a Python without tkinter; a module that is no backend."""
+    done = subprocess.run([sys.executable, '-c', 'import train_mnist_cnn as tm; print(tm.interactive_backend())'],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': backend})
+    assert done.returncode == 0 and done.stderr == ''
+    [line, live] = done.stdout.splitlines()
+    assert line.startswith(f'matplotlib: MPLBACKEND={backend} cannot be used here (') and live == 'False'
+    assert line.endswith('); drawing to files only')
 
 
 @pytest.mark.skipif(ctypes.util.find_library('X11') is None, reason='Xlib, whose handler this is, is not installed')
