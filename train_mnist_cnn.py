@@ -1049,7 +1049,13 @@ def make_config(flags, resumed=None):
                 raise UsageError(f'--{name.replace("_", "-")} {flags[name]} differs from the checkpoint\'s '
                                  f'{saved[name]}; a resumed run keeps it')
         values.update({k: v for k, v in saved.items() if k not in ('resume', 'out_dir')})
-        folder = (os.path.dirname(flags['resume']) or '.') if os.path.isfile(flags['resume']) else flags['resume']
+        folder = flags['resume']
+        if os.path.isfile(flags['resume']):  # a checkpoint file: its run goes on in its folder, if that is its own
+            folder = os.path.dirname(flags['resume']) or '.'
+            own = os.path.join(folder, 'model.pt')
+            if os.path.exists(own) and not os.path.samefile(own, flags['resume']):
+                raise UsageError(f'--resume {flags["resume"]}: {folder} holds another run\'s model.pt, which resuming '
+                                 'would write over; copy the checkpoint into a folder of its own')
         if 'out_dir' in flags and os.path.realpath(flags['out_dir']) != os.path.realpath(folder):
             raise UsageError(f'--out-dir {flags["out_dir"]}: a resumed run goes on in its own folder, {folder}; '
                              'leave --out-dir out (copy the folder first to branch off)')

@@ -201,6 +201,20 @@ def test_resume_of_a_bare_file_name_continues_in_the_current_folder(tmp_path, da
     assert not (tmp_path / 'runs').exists()
 
 
+def test_a_checkpoint_file_in_another_runs_folder_is_not_resumed_over_that_run(tmp_path, data_dir, capsys):
+    for name in ('a', 'b'):
+        assert tm.main([*FAST, '--seed', str(len(name) + (name == 'b')), '--data-dir', str(data_dir), '--out-dir',
+                        str(tmp_path / name)]) == 0
+    (tmp_path / 'a' / 'b.pt').write_bytes((tmp_path / 'b' / 'model.pt').read_bytes())
+    before = (tmp_path / 'a' / 'model.pt').read_bytes()
+    capsys.readouterr()
+    assert tm.main(['--resume', str(tmp_path / 'a' / 'b.pt'), '--epochs', '2']) == 2
+    assert capsys.readouterr().err == (f'usage error: --resume {tmp_path}/a/b.pt: {tmp_path}/a holds another run\'s '
+                                       'model.pt, which resuming would write over; copy the checkpoint into a folder '
+                                       'of its own\n')
+    assert (tmp_path / 'a' / 'model.pt').read_bytes() == before
+
+
 def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path, data_dir, monkeypatch, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
