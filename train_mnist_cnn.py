@@ -364,8 +364,6 @@ class Run:
         if config.tensorboard and world.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.board = SummaryWriter(self.out_dir, purge_step=self.progress.step + 1 if self.progress.step else None)
-        self.features = None  # the last evaluation's, of the film's images: the projector's
-        self.kept_features = min(config.tsne_points, self.eval_size) if config.tsne or config.tensorboard else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
         self.film = None
         if self.tsne_points and world.is_main:
@@ -385,8 +383,7 @@ class Run:
         """Score the eval subset, record the metrics row, make a film frame and print a line."""
         config, progress, started = self.config, self.progress, time.perf_counter()
         result = evaluate(self.model, self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
-                          self.kept_features, config.precision)
-        self.features = result.features
+                          self.tsne_points, config.precision)
         elapsed = self.elapsed()
         row = {'epoch': progress.epoch + 1, 'step': progress.step, 'train_loss': round(loss, 6),
                'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(elapsed, 3)}
@@ -499,7 +496,7 @@ class Run:
 
     def write_board(self, test):
         """TensorBoard's end of the run: the test figures, the pictures, the settings with the final figures, and
-        for its projector the last evaluation's features of the film's images, labelled, each with its digit."""
+        for its projector the final model's features of the film's images, labelled, each with its digit."""
         from PIL import Image
         step, board = self.progress.step, self.board
         board.add_scalar('test/accuracy', test.accuracy, step)
@@ -510,8 +507,7 @@ class Run:
         settings = {name: getattr(self.config, name) for name in ('epochs', 'batch_size', 'lr', 'seed', 'precision')}
         board.add_hparams(settings, {'hparam/test_accuracy': test.accuracy, 'hparam/test_loss': test.loss},
                           run_name='.', global_step=step)  # beside the scalars, not in a folder of its own
-        if self.features is not None:
-            self.write_projector_files(step)
+        self.write_projector_files(step)
         board.close()
 
     def write_projector_files(self, step):
@@ -519,10 +515,12 @@ class Run:
         formats each number in Python, 0.67 s for 500x1568 here (a tenth of a run) against 0.08 s."""
         from PIL import Image
         from tensorboard.plugins import projector
-        count, folder = len(self.features), f'{step:05d}/features'
+        count, folder = min(self.config.tsne_points, self.eval_size), f'{step:05d}/features'
+        features = evaluate(self.model, self.test_images[:count], self.test_labels[:count], count,
+                            self.config.precision).features  # the final model's, of the film's images
         os.makedirs(os.path.join(self.out_dir, folder), exist_ok=True)
         tensors, sprite = io.BytesIO(), io.BytesIO()
-        np.savetxt(tensors, self.features.float().cpu().numpy(), fmt='%.6g', delimiter='\t')
+        np.savetxt(tensors, features.float().cpu().numpy(), fmt='%.6g', delimiter='\t')
         side = math.ceil(math.sqrt(count))  # the digits in a square, row by row, as the projector reads them
         digits = image_grid(self.test_images[:count, 0].cpu().numpy(), side, gap=0, rows=side)
         Image.fromarray(digits).save(sprite, 'PNG')

@@ -404,7 +404,7 @@ def test_tensorboard_holds_the_metrics_rows_and_the_projectors_features(tmp_path
     from google.protobuf import text_format
     from tensorboard.plugins import projector
     config = text_format.Parse((run / 'projector_config.pbtxt').read_text(), projector.ProjectorConfig())
-    [embedding] = config.embeddings  # the last evaluation's, at step 24
+    [embedding] = config.embeddings  # the final model's, at step 24
     features = np.loadtxt(run / embedding.tensor_path, delimiter='\t')
     labels = [int(label) for label in (run / embedding.metadata_path).read_text().split()]
     test_labels = tm.load_mnist(str(data_dir), False, tm.World(), print)['test_labels'][:60].tolist()
@@ -422,6 +422,14 @@ def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monk
     assert capsys.readouterr().err == ('usage error: --tensorboard needs the tensorboard package: '
                                        'pip install tensorboard\n')
     assert not (tmp_path / 'run').exists()
+
+
+def test_tensorboard_added_on_resuming_a_finished_run_has_the_projector_too(tmp_path, data_dir):
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    assert tm.main(['--resume', str(run), '--tensorboard']) == 0
+    assert (run / 'projector_config.pbtxt').exists()
+    assert np.loadtxt(run / '00012' / 'features' / 'tensors.tsv', delimiter='\t').shape == (200, 1568)
 
 
 def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path):
