@@ -1960,9 +1960,10 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
 
 
 def exit_with(code):
-    """Exits with main's code; a signal from here on changes nothing."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: os._exit(code))
+    """Exits with main's code; a stop signal from here on changes nothing. Ignored, not handled: Python gives a
+    handled signal back to the default action while it shuts down, which would end the process as killed by it."""
+    for signum in stop_signals():
+        signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)
 
 

@@ -539,6 +539,20 @@ def test_a_checkpoint_from_before_the_dry_run_resumes_and_refuses_one(tmp_path, 
     assert tm.main(['--resume', str(run), '--epochs', str(checkpoint['config']['epochs'] + 1)]) == 0
 
 
+def test_stop_signals_while_python_shuts_down_change_no_exit_code():
+    """A Ctrl-C after everything is written, while the interpreter frees what it held: exit 0, not 130."""
+    code = ('import os, subprocess, time, torch, train_mnist_cnn as tm\n'
+            'held = [torch.randn(1000, 1000) for _ in range(50)]  # a shutdown with something to free\n'
+            "subprocess.Popen(['sh', '-c', f'sleep 0.2; while kill -INT {os.getpid()}; do :; done'],\n"
+            '                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)\n'
+            'time.sleep(0.1)\n'
+            'tm.exit_with(0)\n')
+    for _ in range(2):
+        process = subprocess.Popen([sys.executable, '-c', code], stderr=subprocess.PIPE,
+                                   env={**os.environ, 'PYTHONPATH': ROOT})
+        assert process.wait(timeout=60) == 0 and process.stderr.read() == b''  # (wait reaps it: the loop ends)
+
+
 def test_a_stray_world_size_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv('WORLD_SIZE', 'two')
     assert tm.main(['--help']) == 2
