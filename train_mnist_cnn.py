@@ -1136,8 +1136,10 @@ def unpack_gz(path, name, log):
     except (OSError, EOFError, zlib.error):
         data = b''
     if md5_of(data) != MNIST_MD5[name]:
-        with contextlib.suppress(OSError):
+        try:
             os.replace(path + '.gz', path + '.gz.damaged')
+        except OSError as e:
+            return None, f'{path}.gz: damaged (left where it is: {e.strerror})'
         return None, f'{path}.gz: damaged (set aside as {name}.gz.damaged)'
     try:
         write_atomic(path, data, shared=True)

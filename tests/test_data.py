@@ -196,6 +196,23 @@ def test_a_damaged_gz_with_its_file_missing_is_set_aside_and_the_download_follow
     assert leftovers(empty_data) == []
 
 
+def test_a_damaged_gz_that_cannot_be_moved_is_said_to_stay(empty_data, fixture_source, monkeypatch):
+    """A read-only data folder (a shared mount): the damaged .gz cannot be set aside, and the line says so."""
+    raw = with_gz_files_only(empty_data, fixture_source)
+    gz = raw / 'train-images-idx3-ubyte.gz'
+    gz.write_bytes(gz.read_bytes()[:20] + b'\x00' * 64)
+    real_replace = os.replace
+
+    def replace_in_a_read_only_folder(source, target):
+        if str(source).endswith('.gz'):
+            raise PermissionError(30, 'Read-only file system')
+        return real_replace(source, target)
+    monkeypatch.setattr(tm.os, 'replace', replace_in_a_read_only_folder)
+    files, problems = tm.read_mnist(str(raw), print)
+    assert f'{raw}/train-images-idx3-ubyte.gz: damaged (left where it is: Read-only file system)' in problems
+    assert gz.exists()
+
+
 def test_unpacked_files_get_the_mode_of_the_users_umask(empty_data, fixture_source, fixture_checksums):
     raw = with_gz_files_only(empty_data, fixture_source)
     previous = os.umask(0o022)
