@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import re
+import select
 import subprocess
 import sys
 
@@ -191,6 +192,21 @@ def test_a_job_without_its_rendezvous_variables_names_them(monkeypatch, capsys):
     assert tm.main(['--no-tsne']) == 2
     assert one_line_error(capsys) == ('[rank 0] usage error: WORLD_SIZE=2 asks for a job, but MASTER_ADDR is not set: '
                                       'start it with torchrun, which sets them')
+
+
+def test_a_process_started_by_hand_says_it_waits_for_the_others(tmp_path):
+    """WORLD_SIZE and RANK set by hand, not by torchrun: the rendezvous waits up to 10 minutes, deaf to signals."""
+    env = {**os.environ, 'WORLD_SIZE': '2', 'RANK': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': '29581'}
+    process = subprocess.Popen([sys.executable, SCRIPT, '--no-tsne', '--device', 'cpu'], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 60)  # (the process itself would wait 10 minutes)
+        line = process.stdout.readline() if ready else ''
+    finally:
+        process.kill()
+        process.wait()
+    assert line == ("[rank 1] waiting up to 10 minutes for the job's 2 processes at 127.0.0.1:29581; a stop signal "
+                    'is only seen once all are in\n')
 
 
 def test_a_folder_of_an_earlier_runs_outputs_is_not_a_new_runs(tmp_path, data_dir, capsys):
