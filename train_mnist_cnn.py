@@ -1659,6 +1659,8 @@ def world_from_env():
     except ValueError:
         raise UsageError(f'{", ".join(f"{n}={os.environ.get(n)!r}" for n in names)}: torchrun\'s variables must be '
                          'whole numbers') from None
+    if size < 1 and 'WORLD_SIZE' in os.environ:
+        raise UsageError(f'WORLD_SIZE={size} is not a number of processes')
     if size <= 1:
         return World()
     if not (0 <= rank < size and 0 <= local_rank <= rank):

@@ -557,6 +557,10 @@ def test_a_stray_world_size_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv('WORLD_SIZE', 'two')
     assert tm.main(['--help']) == 2
     assert capsys.readouterr().err.startswith("usage error: RANK=None, WORLD_SIZE='two', LOCAL_RANK=None: ")
+    for size in ('0', '-1'):
+        monkeypatch.setenv('WORLD_SIZE', size)
+        assert tm.main(['--help']) == 2
+        assert capsys.readouterr().err == f'usage error: WORLD_SIZE={size} is not a number of processes\n'
     monkeypatch.setenv('WORLD_SIZE', '1')
     assert tm.main(['--help']) == 0
 
