@@ -394,8 +394,7 @@ class Run:
                 self.board.add_scalar(tag, value, progress.step)
         if self.film is not None:
             last = progress.step + config.log_interval > config.epochs * self.steps_per_epoch
-            shown = slice(0, self.tsne_points)
-            self.film.add_frame(result.features[shown], result.predictions[shown], progress.step,
+            self.film.add_frame(result.features, result.predictions[:self.tsne_points], progress.step,
                                 f'Last layer, epoch {progress.epoch + 1}, step {progress.step}: eval accuracy '
                                 f'{result.accuracy:.3f}', last)
         # time left: the steps to go at the pace of those since the last line, and for each line to go an
@@ -409,8 +408,10 @@ class Run:
                  f'| {images_per_second:6.0f} img/s | {elapsed:.1f} s | eta {clock(left)}')
 
     def test_all(self):
-        """The full test set, scored and logged."""
-        result = evaluate(self.model, self.test_images, self.test_labels, precision=self.config.precision)
+        """The full test set, scored and logged; with TensorBoard, the features of the film's images kept for its
+        projector."""
+        projected = min(self.config.tsne_points, self.eval_size) if self.board is not None else 0
+        result = evaluate(self.model, self.test_images, self.test_labels, projected, self.config.precision)
         self.log(f'epoch {self.progress.epoch:>2}/{self.config.epochs} done | test loss {result.loss:.4f} '
                  f'| test acc {result.accuracy:.4f} ({len(self.test_images)} images) | {self.elapsed():.1f} s')
         return result
@@ -507,17 +508,15 @@ class Run:
         settings = {name: getattr(self.config, name) for name in ('epochs', 'batch_size', 'lr', 'seed', 'precision')}
         board.add_hparams(settings, {'hparam/test_accuracy': test.accuracy, 'hparam/test_loss': test.loss},
                           run_name='.', global_step=step)  # beside the scalars, not in a folder of its own
-        self.write_projector_files(step)
+        self.write_projector_files(step, test.features)
         board.close()
 
-    def write_projector_files(self, step):
+    def write_projector_files(self, step, features):
         """What SummaryWriter.add_embedding writes, in the same layout, but tensors.tsv by np.savetxt: add_embedding
         formats each number in Python, 0.67 s for 500x1568 here (a tenth of a run) against 0.08 s."""
         from PIL import Image
         from tensorboard.plugins import projector
-        count, folder = min(self.config.tsne_points, self.eval_size), f'{step:05d}/features'
-        features = evaluate(self.model, self.test_images[:count], self.test_labels[:count], count,
-                            self.config.precision).features  # the final model's, of the film's images
+        count, folder = len(features), f'{step:05d}/features'
         os.makedirs(os.path.join(self.out_dir, folder), exist_ok=True)
         tensors, sprite = io.BytesIO(), io.BytesIO()
         np.savetxt(tensors, features.float().cpu().numpy(), fmt='%.6g', delimiter='\t')
@@ -797,7 +796,7 @@ def interactive_backend(log=None):
         backend = plt.get_backend()
         plt.switch_backend(backend)  # imports its toolkit now, not at the first window
     except Exception as e:  # a name it does not know, a toolkit not installed, a module that is no backend
-        why = (str(e).split(';')[0].splitlines() or [type(e).__name__])[0]
+        why = one_line(e).split(';')[0]  # (matplotlib's list of every backend follows a ';')
         (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({why}); drawing to files only')
         import matplotlib.pyplot as plt
         plt.switch_backend('agg')
@@ -1772,9 +1771,9 @@ def say(message, error=False):
     if stream is None:
         return
     message = message.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    encoding = stream.encoding or 'utf-8'
     try:
-        print(message.encode(stream.encoding or 'utf-8', 'backslashreplace').decode(stream.encoding or 'utf-8'),
-              file=stream, flush=True)
+        print(message.encode(encoding, 'backslashreplace').decode(encoding), file=stream, flush=True)
     except OSError as e:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # what is left in its buffer goes there too
