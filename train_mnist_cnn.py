@@ -353,6 +353,10 @@ class Run:
             torch.set_rng_state(checkpoint['rng']['torch'])
             if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.log_interval > self.total_steps and not self.progress.metrics:
+            log(f'note: --log-interval {config.log_interval} is above the run\'s {self.total_steps} steps: no progress '
+                'line, metrics row or t-SNE frame will be made')
         # the steps go through DDP under torchrun, which averages the gradients; everything else uses the model
         self.trained_model = self.model
         if world.size > 1:
@@ -368,7 +372,7 @@ class Run:
         if self.tsne_points and world.is_main:
             labels = self.test_labels[:self.tsne_points].cpu().numpy()
             self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, self.progress.metrics,
-                                 config.epochs * self.steps_per_epoch, device.type != 'cpu', log)
+                                 self.total_steps, device.type != 'cpu', log)
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
         self.last_line = (time.perf_counter(), self.progress.step)  # when the last line was done, at which step
         self.saved_step = self.progress.step
@@ -392,13 +396,13 @@ class Run:
                                ('eval/loss', result.loss), ('train/images_per_second', images_per_second)):
                 self.board.add_scalar(tag, value, progress.step)
         if self.film is not None:
-            last = progress.step + config.log_interval > config.epochs * self.steps_per_epoch
+            last = progress.step + config.log_interval > self.total_steps
             self.film.add_frame(result.features, result.predictions[:self.tsne_points], progress.step,
                                 f'Last layer, epoch {progress.epoch + 1}, step {progress.step}: eval accuracy '
                                 f'{result.accuracy:.3f}', last)
         # time left: the steps to go at the pace of those since the last line, and for each line to go an
         # evaluation and a frame as long as this line's; from the second line on, no warm-up in it
-        now, steps_left = time.perf_counter(), config.epochs * self.steps_per_epoch - progress.step
+        now, steps_left = time.perf_counter(), self.total_steps - progress.step
         pace = (started - self.last_line[0]) / max(progress.step - self.last_line[1], 1)
         left = round(steps_left * pace + steps_left // config.log_interval * (now - started))
         self.last_line = (now, progress.step)

@@ -56,6 +56,17 @@ def test_log_lines_show_progress(tmp_path, data_dir, capsys):
     assert 'prediction number' in out and 'real number' in out
 
 
+def test_a_log_interval_longer_than_the_run_is_said_at_the_start(tmp_path, data_dir, capsys):
+    """Else the run ends with no log line, no metrics row and no film, and nothing says why."""
+    flags = [*FAST, '--log-interval', '13', '--data-dir', str(data_dir)]  # 12 steps
+    assert tm.main([*flags, '--out-dir', str(tmp_path / 'run')]) == 0
+    out = capsys.readouterr().out
+    assert 'note: --log-interval 13 is above the run\'s 12 steps: no progress line, metrics row or t-SNE frame ' \
+           'will be made' in out and '| step ' not in out
+    assert tm.main([*flags, '--epochs', '2', '--out-dir', str(tmp_path / 'longer')]) == 0
+    assert 'note: --log-interval' not in capsys.readouterr().out
+
+
 def test_same_seed_gives_the_same_run(tmp_path, data_dir):
     results = []
     for name in ('a', 'b'):
