@@ -13,7 +13,7 @@
 
 Each image is prepared the way MNIST's digits were made, then predicted: a line per image, and in its own folder
 (runs/<UTC timestamp> by default) predictions.csv and predictions.png. Exit codes: 0 done, 1 an image could not
-be read or a runtime error, 2 usage error, 130/143 interrupted.
+be read or a runtime error, 2 usage error, 129/130/143 interrupted.
 """
 import concurrent.futures
 import contextlib
@@ -178,8 +178,10 @@ def predict_all(model, device, entries, rows, log):
 
 
 def printable(path):
-    """A path as UTF-8 can print it: bytes that are no UTF-8 (a POSIX file name may hold them) as \\xNN."""
-    return path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    """A path on one line that UTF-8 can print: control characters (a newline) and bytes that are no UTF-8 (a POSIX
+    file name may hold both) as \\xNN."""
+    text = path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    return text.translate({c: f'\\x{c:02x}' for c in [*range(32), 127]})
 
 
 def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
@@ -271,7 +273,7 @@ def build_parser():
     parser = tm.ArgumentParser(prog='predict_digits.py',
                                description='Read digit images with a CNN that train_mnist_cnn.py trained.',
                                epilog='exit codes: 0 done, 1 an image could not be read or a runtime error, 2 usage '
-                                      'error, 130/143 stopped by SIGINT/SIGTERM.')
+                                      'error, 129/130/143 stopped by SIGHUP/SIGINT/SIGTERM.')
     parser.add_argument('images', nargs='+', type=tm.path_name, metavar='IMAGE_OR_FOLDER',
                         help='digit images, or folders of them (subfolders too)')
     parser.add_argument('--model', type=tm.path_name, metavar='PATH',

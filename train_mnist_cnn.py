@@ -17,7 +17,7 @@
     python predict_digits.py my-digits/               # then read your own handwriting with it
 
 Each run writes to its own folder (runs/<UTC timestamp> by default): model.pt, metrics.csv,
-summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 interrupted.
+summary.json and pictures. Exit codes: 0 done, 1 runtime error, 2 usage error, 129/130/143 interrupted.
 
 Reading order: the configuration, the network, the training step and evaluation, the training loop, the
 t-SNE film, the pictures; below them the machinery (flags, data, files, the run folder, Adam, checkpoints,
@@ -139,7 +139,7 @@ class Config:
                             'native bfloat16); checkpoints stay fp32', precision_name, metavar='P')
     seed: int = option(1, 'seeds the initial weights and the order of the training images',
                        whole_number(0, 2**32 - 1))
-    data_dir: str = option('./mnist', 'MNIST lives in DIR/MNIST/raw, fetched if missing', path_name, metavar='DIR')
+    data_dir: str = option('./mnist', 'MNIST lives in DIR/MNIST/raw; training fetches it', path_name, metavar='DIR')
     out_dir: str = option('', 'where this run writes its files; a new run never overwrites an old one',
                           path_name, metavar='DIR', shown="runs/<UTC timestamp>, or the resumed run's folder")
     log_interval: int = option(50, 'steps between log lines, evaluations and t-SNE frames',
@@ -975,8 +975,8 @@ def add_flag(parser, name, **settings):
 def build_parser():
     parser = ArgumentParser(prog='train_mnist_cnn.py',
                             description='Train the tutorial CNN on MNIST and animate a t-SNE of its features.',
-                            epilog='exit codes: 0 done, 1 runtime error, 2 usage error, 130/143 stopped by '
-                                   'SIGINT/SIGTERM (training writes a checkpoint first; --resume continues). '
+                            epilog='exit codes: 0 done, 1 runtime error, 2 usage error, 129/130/143 stopped by '
+                                   'SIGHUP/SIGINT/SIGTERM (training writes a checkpoint first; --resume continues). '
                                    'Read your own digits with the trained model: predict_digits.py --help.',
                             argument_default=argparse.SUPPRESS)
     for name in CONFIG_FIELDS:

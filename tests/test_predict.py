@@ -333,13 +333,16 @@ def test_16_bit_and_float_scans_are_read_in_their_own_range(glyphs, glyph_md5, t
         glyphs['predicted'][:2].tolist()
 
 
-def test_a_file_name_that_is_not_utf8_is_written_escaped(glyphs, glyph_md5, tmp_path, capsys):
+@pytest.mark.parametrize('name, shown', [(b'x\xffy.png', 'x\\xffy.png'), (b'two\nlines.png', 'two\\x0alines.png')])
+def test_a_file_name_that_is_not_utf8_or_holds_a_newline_is_written_escaped(glyphs, glyph_md5, tmp_path, capsys,
+                                                                            name, shown):
+    """Still one line per image."""
     folder = tmp_path / 'names'
     folder.mkdir()
-    photo_like(glyphs['test_images'][0]).save(os.path.join(os.fsencode(folder), b'x\xffy.png'))
+    photo_like(glyphs['test_images'][0]).save(os.path.join(os.fsencode(folder), name))
     code, out, _ = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
-    assert code == 0 and f'{folder}/x\\xffy.png: ' in out
-    assert read_csv(tmp_path / 'out' / 'predictions.csv')[0]['file'] == f'{folder}/x\\xffy.png'
+    assert code == 0 and [line for line in out.splitlines() if line.startswith(f'{folder}/{shown}: ')]
+    assert read_csv(tmp_path / 'out' / 'predictions.csv')[0]['file'] == f'{folder}/{shown}'
 
 
 @pytest.mark.parametrize('damage', [lambda p: p.write_bytes(os.urandom(300)),
