@@ -178,10 +178,10 @@ def predict_all(model, device, entries, rows, log):
 
 
 def printable(path):
-    """A path on one line that UTF-8 can print: control characters (a newline) and bytes that are no UTF-8 (a POSIX
-    file name may hold both) as \\xNN."""
+    """A path on one line that UTF-8 can print: bytes that are no UTF-8 as \\xNN, characters that are not printable (a
+    newline, a line separator) as Python escapes them (a POSIX file name may hold both)."""
     text = path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
-    return text.translate({c: f'\\x{c:02x}' for c in [*range(32), 127]})
+    return ''.join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):

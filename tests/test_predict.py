@@ -333,7 +333,8 @@ def test_16_bit_and_float_scans_are_read_in_their_own_range(glyphs, glyph_md5, t
         glyphs['predicted'][:2].tolist()
 
 
-@pytest.mark.parametrize('name, shown', [(b'x\xffy.png', 'x\\xffy.png'), (b'two\nlines.png', 'two\\x0alines.png')])
+@pytest.mark.parametrize('name, shown', [(b'x\xffy.png', 'x\\xffy.png'), (b'two\nlines.png', 'two\\nlines.png'),
+                                         ('a\x85b\u2028c.png'.encode(), 'a\\x85b\\u2028c.png')])
 def test_a_file_name_that_is_not_utf8_or_holds_a_newline_is_written_escaped(glyphs, glyph_md5, tmp_path, capsys,
                                                                             name, shown):
     """Still one line per image."""
