@@ -355,9 +355,11 @@ class Run:
             if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
         self.total_steps = config.epochs * self.steps_per_epoch
-        if config.log_interval > self.total_steps and not self.progress.metrics:
-            log(f'note: --log-interval {config.log_interval} is above the run\'s {self.total_steps} steps: no progress '
-                'line, metrics row or t-SNE frame will be made')
+        next_log_step = (self.progress.step // config.log_interval + 1) * config.log_interval
+        if self.progress.step < self.total_steps < next_log_step:
+            made = "step's line, metrics row or t-SNE frame" if config.tsne else "step's line or metrics row"
+            log(f'note: --log-interval {config.log_interval} leaves no log step in the run\'s '
+                f'{self.total_steps - self.progress.step} steps to go: no {made} will be made')
         # the steps go through DDP under torchrun, which averages the gradients; everything else uses the model
         self.trained_model = self.model
         if world.size > 1:

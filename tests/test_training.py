@@ -57,13 +57,17 @@ def test_log_lines_show_progress(tmp_path, data_dir, capsys):
 
 
 def test_a_log_interval_longer_than_the_run_is_said_at_the_start(tmp_path, data_dir, capsys):
-    """Else the run ends with no log line, no metrics row and no film, and nothing says why."""
-    flags = [*FAST, '--log-interval', '13', '--data-dir', str(data_dir)]  # 12 steps
+    """Else the run ends with no log line, no metrics row and no film, and nothing says why; a resumed run too."""
+    flags = [*FAST, '--log-interval', '13', '--data-dir', str(data_dir)]  # 12 steps an epoch
     assert tm.main([*flags, '--out-dir', str(tmp_path / 'run')]) == 0
     out = capsys.readouterr().out
-    assert 'note: --log-interval 13 is above the run\'s 12 steps: no progress line, metrics row or t-SNE frame ' \
+    assert "note: --log-interval 13 leaves no log step in the run's 12 steps to go: no step's line or metrics row " \
            'will be made' in out and '| step ' not in out
     assert tm.main([*flags, '--epochs', '2', '--out-dir', str(tmp_path / 'longer')]) == 0
+    assert 'note: --log-interval' not in capsys.readouterr().out
+    assert tm.main(['--resume', str(tmp_path / 'longer'), '--epochs', '3', '--log-interval', '100']) == 0
+    assert "note: --log-interval 100 leaves no log step in the run's 12 steps to go" in capsys.readouterr().out
+    assert tm.main(['--resume', str(tmp_path / 'longer')]) == 0  # nothing to go: nothing to say
     assert 'note: --log-interval' not in capsys.readouterr().out
 
 
