@@ -451,8 +451,11 @@ class Run:
                 self.log(f'checkpoint saved at step {self.progress.step}; resume with: '
                          f'{resume_command(self.out_dir, self.world)}')
 
-    def close(self):
-        """The film's worker and window, and TensorBoard's writer, whether the run ended well or not."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        """The film's worker and window, and TensorBoard's writer, closed whether the run ended well or not."""
         if self.film is not None:
             self.film.stop()
         if self.board is not None:
@@ -1844,15 +1847,11 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         elif world.is_main:  # the pictures go to files with no backend: MPLBACKEND (a notebook's, say) is not used
             os.environ.pop('MPLBACKEND', None)
         if config.dry_run and checkpoint is None:  # the first epoch, and its checkpoint resumed for the second
-            first = Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log)
-            try:
+            with Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log) as first:
                 train_saving_on_failure(first, status)
-            finally:
-                first.close()
             checkpoint = load_checkpoint(out_dir)
             log(f'dry run: resuming from {os.path.join(out_dir, "model.pt")}')
-        run = Run(config, world, device, mnist, checkpoint, log)
-        try:
+        with Run(config, world, device, mnist, checkpoint, log) as run:
             test = train_saving_on_failure(run, status)
             status.stage = Stage.OUTPUTS
             if world.is_main:
@@ -1863,8 +1862,6 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             if run.film is not None and run.film.live and someone_at_the_terminal():  # not CI, pipes or nohup
                 log('the t-SNE window stays open on the last frame: close it to exit')
                 show_until_closed(status)
-        finally:
-            run.close()
     return 0
 
 
