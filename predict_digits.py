@@ -242,7 +242,7 @@ def draw_predictions(shown, total, film):
         colours = colormaps['rainbow'](np.linspace(0, 1, 10))
         embedding = film['embedding']
         ax.scatter(*embedding.T, s=30, marker='s', c=colours[film['labels']], linewidths=0, alpha=0.6)
-        for digit in range(10):  # each cluster named by its digit, at the middle of its points
+        for digit in np.unique(film['labels']):  # each cluster named by its digit, at the middle of its points
             ax.text(*np.median(embedding[film['labels'] == digit], axis=0), str(digit), fontsize=16, weight='bold',
                     color=colours[digit] * [0.6, 0.6, 0.6, 1], ha='center', va='center')
         features = torch.stack([entry[5] for entry in shown])

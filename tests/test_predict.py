@@ -7,6 +7,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import warnings
 import zlib
 
 import numpy as np
@@ -373,6 +374,20 @@ def test_a_damaged_film_beside_the_model_is_a_note(glyphs, glyph_md5, tmp_path, 
                             '--out-dir', tmp_path / 'out'], capsys)
     assert code == 0 and f'note: no t-SNE panel: {run}/tsne.npz cannot be read' in out
     assert (tmp_path / 'out' / 'predictions.png').exists()
+
+
+def test_a_film_that_lacks_a_digit_draws_its_panel_without_warnings(tmp_path):
+    """--tsne-points as low as 50 may leave a digit out of the film: its label is not drawn, and numpy says nothing."""
+    rng = np.random.default_rng(0)
+    film = {'embedding': rng.normal(size=(20, 2)).astype(np.float32), 'labels': np.arange(20) % 8,  # no 8, no 9
+            'features': torch.rand(20, 1568), 'neighbours': 10}
+    Image.new('L', (28, 28)).save(tmp_path / 'one.png')
+    shown = [(0.5, 0, str(tmp_path / 'one.png'), np.zeros((28, 28), np.uint8), np.full(10, 0.1), torch.rand(1568))]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        figure = pd.draw_predictions(shown, 1, film)
+    labels = sorted(text.get_text() for text in figure.axes[-1].texts if not text.get_text().startswith('#'))
+    assert labels == [str(digit) for digit in range(8)]
 
 
 def test_a_damaged_summary_beside_the_model_is_not_read(glyphs, glyph_md5, tmp_path, capsys):
