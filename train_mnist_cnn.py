@@ -554,8 +554,10 @@ class TsneFilm:
             self.window = FilmFigure(plt.figure(figsize=FILM_INCHES, num='What the last layer learns'), labels,
                                      total_steps)
             plt.show(block=False)
-        if history and history['embeddings'].shape[1] != len(labels):
-            history = {}  # --tsne-points changed on resume: the film starts afresh
+        if history and history['embeddings'].shape[1] != len(labels):  # --tsne-points changed on resume
+            self.log(f't-SNE film: --tsne-points {len(labels)} is not the {history["embeddings"].shape[1]} points of '
+                     'its frames so far: it starts afresh')
+            history = {}
         self.embeddings = [e.numpy() for e in history.get('embeddings', [])]
         self.steps = [int(s) for s in history.get('steps', [])]
         self.titles = list(history.get('titles', []))
@@ -1285,6 +1287,8 @@ def atomic_path(path, shared=False):
     suffix = f'.{os.getpid()}' if shared else ''
     tmp = os.path.join(os.path.dirname(path) or '.', f'.tmp-{os.path.basename(path)}{suffix}')
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # written afresh: a link left under its name is not written through
         yield tmp
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
@@ -1337,7 +1341,7 @@ def lock_file(path):
     """An exclusive lock on `path`, held until the descriptor is closed or the process ends (the OS releases
     it then); a second claimant is refused with the holder's pid."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)  # a link is refused
         try:
             if os.name == 'nt':
                 import msvcrt
@@ -1360,8 +1364,13 @@ def lock_file(path):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
         os.close(fd)  # the holder removed the file as it ended, after this open: take the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f'{os.getpid()}\n'.encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+    except OSError:  # a full disk: no lock is left behind
+        os.unlink(path)
+        os.close(fd)
+        raise
     return fd
 
 
@@ -1387,6 +1396,9 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
             created.insert(0, os.path.abspath(folder))
         lock = lock_file(os.path.join(folder, LOCK_FILE))
     except OSError as e:
+        with contextlib.suppress(OSError):
+            for path in created:
+                os.rmdir(path)
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
     try:
         held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
@@ -1920,6 +1932,9 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
         kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
         message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME
+        if stage in stop_messages and stage is not Stage.STARTING:  # what stands, as a stop there would say
+            message = f'error: {error}, ' + stop_messages[stage].removeprefix('interrupted ').format(
+                out_dir=status.out_dir, resume=resume_command(status.out_dir, world))
     elif world.size > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and re.search(
             r'gloo|NCCL|Connection (reset|closed) by peer', str(error))):  # a collective broken by another's death
         message, code = 'error: another process of the job failed; its own output says why', EXIT_RUNTIME

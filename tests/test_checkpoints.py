@@ -1,4 +1,5 @@
 """Never lose a run: atomic checkpoints, exact resume after SIGKILL, clean SIGINT/SIGTERM, clear bad input."""
+import errno
 import io
 import json
 import os
@@ -255,6 +256,42 @@ def test_a_held_folder_is_refused_for_a_resume_too(tmp_path, data_dir, capsys):
     finally:
         os.close(lock)
     assert (run / 'model.pt').read_bytes() == before
+
+
+@pytest.mark.parametrize('planted', ['.tmp-summary.json', '.lock'])
+def test_a_link_planted_in_the_run_folder_is_not_written_through(tmp_path, data_dir, planted, capsys):
+    """Whoever can write into the folder could otherwise have the run overwrite any file it may write."""
+    run, precious = tmp_path / 'run', tmp_path / 'precious.txt'
+    run.mkdir()
+    precious.write_text('precious')
+    (run / planted).symlink_to(precious)
+    code = tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)])
+    assert precious.read_text() == 'precious'
+    if planted == '.lock':  # (it might be a real run's: not removed, refused)
+        assert code == 1 and capsys.readouterr().err.startswith(f'error: cannot write to {run}: ')
+    else:
+        assert code == 0 and not (run / 'summary.json').is_symlink()
+
+
+def test_a_full_disk_as_the_lock_is_written_leaves_no_folder(tmp_path, data_dir, monkeypatch, capsys):
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(tm.os, 'ftruncate', no_space)
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'new' / 'run')]) == 1
+    assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/new/run: No space left on device\n'
+    assert not (tmp_path / 'new').exists()
+
+
+def test_a_full_disk_while_the_outputs_are_written_says_training_is_saved_and_how_to_finish(tmp_path, data_dir,
+                                                                                           monkeypatch, capsys):
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(tm, 'draw_pictures', no_space)
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: [Errno 28] No space left on device, while writing the final outputs; training is '
+                          f'done and saved in {run}. Write them with: ') and err.endswith(f'--resume {run}\n')
 
 
 def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):

@@ -128,6 +128,16 @@ def test_film_survives_a_resume(tmp_path, data_dir):
     assert len(durations) == 6 + 5 * tm.GLIDE_FRAMES
 
 
+def test_a_film_resumed_with_other_tsne_points_says_it_starts_afresh(tmp_path, data_dir, capsys):
+    run = tmp_path / 'run'
+    assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run), '--epochs', '2', '--tsne-points', '60']) == 0
+    assert 't-SNE film: --tsne-points 60 is not the 150 points of its frames so far: it starts afresh' \
+        in capsys.readouterr().out
+    assert np.load(run / 'tsne.npz')['steps'].tolist() == [16, 20, 24]
+
+
 def film_figure(labels, total_steps=100):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     figure = tm.FilmFigure(Figure(figsize=tm.FILM_INCHES, dpi=tm.FILM_DPI), labels, total_steps)
