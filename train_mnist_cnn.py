@@ -373,8 +373,15 @@ class Run:
             self.film = TsneFilm(labels, config.seed, self.out_dir, self.film_history, self.progress.metrics,
                                  self.total_steps, device.type != 'cpu', log)
         self.board = None  # TensorBoard's writer, with --tensorboard; a resumed run drops events from its later steps
+        self.thread_hook = threading.excepthook
         if config.tensorboard and world.is_main:  # (after the rest: its events file is the run's first file)
             from torch.utils.tensorboard import SummaryWriter
+            # its writer's thread re-raises a write that failed (a full disk), which Python prints as a traceback;
+            # the run meets the same error at its next event and says it in one line
+            def failed_write_said_once(args):
+                if not isinstance(args.exc_value, OSError):
+                    self.thread_hook(args)
+            threading.excepthook = failed_write_said_once
             self.board = SummaryWriter(self.out_dir, purge_step=self.progress.step + 1 if self.progress.step else None)
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
         self.last_line = (time.perf_counter(), self.progress.step)  # when the last line was done, at which step
@@ -460,6 +467,7 @@ class Run:
             self.film.stop()
         if self.board is not None:
             self.board.close()
+        threading.excepthook = self.thread_hook
 
     def stop(self, signals):
         """After a checkpoint: say where training stopped and how to go on, and stop."""

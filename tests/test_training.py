@@ -460,6 +460,21 @@ def test_tensorboard_end_written_again_after_a_stop_says_nothing_of_its_own(tmp_
     assert np.loadtxt(run / '00012' / 'features' / 'tensors.tsv', delimiter='\t').shape == (200, 1568)
 
 
+def test_a_full_disk_under_tensorboards_writer_thread_is_one_line(tmp_path, data_dir, fixture_checksums):
+    """Its thread re-raises a write that failed, which Python prints as a traceback; the run meets the same error
+    at its next event and says it in one line."""
+    (tmp_path / 'full_disk.py').write_text(
+        'import errno\nfrom tensorboard.summary.writer import event_file_writer\nfrom train_mnist_cnn import main\n\n\n'
+        'def no_space(self):\n    raise OSError(errno.ENOSPC, "No space left on device")\n\n\n'
+        'event_file_writer._AsyncWriterThread._run = no_space\n')
+    process = run_script([*FAST, '--tensorboard', '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
+                         fixture_checksums, script=str(tmp_path / 'full_disk.py'), cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert err.startswith('error: [Errno 28] No space left on device') and err.count('\n') == 1, err
+
+
 def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path):
     """Installed but too old for torch.utils.tensorboard (it asks for 1.15 or above)."""
     shim = tmp_path / 'shim' / 'tensorboard'
