@@ -1861,6 +1861,9 @@ def train_and_report(config, world, checkpoint, status, wall_started):
     with claimed_folder(config.out_dir, may_hold_a_run=bool(config.resume), claim=world.is_main) as out_dir:
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
+        if checkpoint is not None and world.is_main and load_checkpoint(config.resume)['step'] != checkpoint['step']:
+            raise RunError(f'--resume {config.resume}: {os.path.join(out_dir, "model.pt")} was written by another run '
+                           'while this one started; resume again')  # (it was read before the folder was locked)
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
         if world.is_main and config.tsne:
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training

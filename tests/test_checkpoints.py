@@ -1,4 +1,5 @@
 """Never lose a run: atomic checkpoints, exact resume after SIGKILL, clean SIGINT/SIGTERM, clear bad input."""
+import contextlib
 import errno
 import io
 import json
@@ -292,6 +293,31 @@ def test_a_full_disk_while_the_outputs_are_written_says_training_is_saved_and_ho
     err = capsys.readouterr().err
     assert err.startswith(f'error: [Errno 28] No space left on device, while writing the final outputs; training is '
                           f'done and saved in {run}. Write them with: ') and err.endswith(f'--resume {run}\n')
+
+
+def test_a_checkpoint_written_over_while_the_resume_takes_the_folder_is_not_trained_from(tmp_path, data_dir,
+                                                                                        monkeypatch, capsys):
+    """Another run of the folder ended (and wrote model.pt) between this one reading the checkpoint and locking the
+    folder: training from what was read would write over the newer work."""
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    first = (run / 'model.pt').read_bytes()
+    assert tm.main(['--resume', str(run), '--epochs', '2']) == 0
+    newer = (run / 'model.pt').read_bytes()
+    (run / 'model.pt').write_bytes(first)
+    real_claim = tm.claimed_folder
+
+    @contextlib.contextmanager
+    def claimed_after_the_other_run_ended(*args, **kwargs):
+        (run / 'model.pt').write_bytes(newer)
+        with real_claim(*args, **kwargs) as folder:
+            yield folder
+    monkeypatch.setattr(tm, 'claimed_folder', claimed_after_the_other_run_ended)
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run), '--epochs', '3']) == 1
+    assert capsys.readouterr().err == (f'error: --resume {run}: {run}/model.pt was written by another run while '
+                                       'this one started; resume again\n')
+    assert (run / 'model.pt').read_bytes() == newer
 
 
 def test_default_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
