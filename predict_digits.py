@@ -58,9 +58,9 @@ def mnist_like(image):
     box scaled so its longer side is 20 pixels (aspect kept, antialiased), placed in 28x28 with its centre of mass on
     pixel (14, 14), where MNIST's own lie (14.0 +- 0.3 in rows and columns). 28x28 uint8, as the IDX files hold."""
     from PIL import Image, ImageOps
-    if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan, not clipped to 8 bits:
-        grey = np.nan_to_num(np.asarray(ImageOps.exif_transpose(image), dtype=np.float64))  # its brightest as 255
-        grey = (grey - grey.min()) * (255 / max(float(np.abs(grey).max()), 1e-12))
+    if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
+        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float32)  # not clipped to 8 bits
+        grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
     else:
         grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])

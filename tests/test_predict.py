@@ -305,19 +305,6 @@ def one_photo(glyphs, folder, name='one.png', index=0):
     return folder / name
 
 
-def test_16_bit_and_float_scans_without_ink_are_blank(glyphs, glyph_md5, tmp_path, capsys):
-    """Noise on even paper, or no number at all, is no digit at any depth (stretched to its own range, it was one)."""
-    folder = tmp_path / 'scans'
-    folder.mkdir()
-    noise = np.random.default_rng(0).normal(0, 1, (100, 100))
-    Image.fromarray((60000 + 30 * noise).astype(np.uint16)).save(folder / 'a.png')
-    Image.fromarray((0.9 + 1e-4 * noise).astype(np.float32)).save(folder / 'b.tiff')
-    Image.fromarray(np.full((100, 100), np.nan, dtype=np.float32)).save(folder / 'c.tiff')
-    code, _, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
-    assert code == 1 and err == ''.join(f'{folder}/{name}: no ink: the image is blank\n'
-                                        for name in ('a.png', 'b.tiff', 'c.tiff'))
-
-
 def test_ctrl_c_after_the_table_is_written_says_so(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
     real = pd.film_for_predictions
 
