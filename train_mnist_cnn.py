@@ -381,8 +381,13 @@ class Run:
             def failed_write_said_once(args):
                 if not isinstance(args.exc_value, OSError):
                     self.thread_hook(args)
-            threading.excepthook = failed_write_said_once
-            self.board = SummaryWriter(self.out_dir, purge_step=self.progress.step + 1 if self.progress.step else None)
+            purge_step = self.progress.step + 1 if self.progress.step else None
+            threading.excepthook = failed_write_said_once  # (given back as the run closes, or now if it cannot open)
+            try:
+                self.board = SummaryWriter(self.out_dir, purge_step=purge_step)
+            except BaseException:
+                threading.excepthook = self.thread_hook
+                raise
         self.clock_started = time.perf_counter() - self.progress.train_seconds  # the clock goes on across resumes
         self.last_line = (time.perf_counter(), self.progress.step)  # when the last line was done, at which step
         self.saved_step = self.progress.step
@@ -463,11 +468,13 @@ class Run:
 
     def __exit__(self, *error):
         """The film's worker and window, and TensorBoard's writer, closed whether the run ended well or not."""
-        if self.film is not None:
-            self.film.stop()
-        if self.board is not None:
-            self.board.close()
-        threading.excepthook = self.thread_hook
+        try:
+            if self.film is not None:
+                self.film.stop()
+            if self.board is not None:
+                self.board.close()
+        finally:
+            threading.excepthook = self.thread_hook
 
     def stop(self, signals):
         """After a checkpoint: say where training stopped and how to go on, and stop."""

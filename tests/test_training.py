@@ -1,5 +1,6 @@
 """Training on the fixture: loss goes down, the three outputs carry their keys, runs are reproducible."""
 import csv
+import errno
 import json
 import os
 import platform
@@ -473,6 +474,23 @@ def test_a_full_disk_under_tensorboards_writer_thread_is_one_line(tmp_path, data
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1
     assert err.startswith('error: [Errno 28] No space left on device') and err.count('\n') == 1, err
+
+
+@pytest.mark.parametrize('failing', ['the writer thread', 'the writer'])
+def test_the_thread_hook_set_for_tensorboard_is_given_back_whatever_fails(tmp_path, data_dir, monkeypatch, failing):
+    """Left in place, it would hide every later thread's OSError in this process (a notebook, a test run)."""
+    from tensorboard.summary.writer import event_file_writer
+    import threading
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    if failing == 'the writer thread':
+        monkeypatch.setattr(event_file_writer._AsyncWriterThread, '_run', no_space)
+    else:
+        monkeypatch.setattr(event_file_writer.EventFileWriter, '__init__', no_space)
+    before = threading.excepthook
+    assert tm.main([*FAST, '--tensorboard', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 1
+    assert threading.excepthook is before
 
 
 def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path):
