@@ -1868,9 +1868,11 @@ def train_and_report(config, world, checkpoint, status, wall_started):
     with claimed_folder(config.out_dir, may_hold_a_run=bool(config.resume), claim=world.is_main) as out_dir:
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
-        if checkpoint is not None and world.is_main and load_checkpoint(config.resume)['step'] != checkpoint['step']:
-            raise RunError(f'--resume {config.resume}: {os.path.join(out_dir, "model.pt")} was written by another run '
-                           'while this one started; resume again')  # (it was read before the folder was locked)
+        own = os.path.join(out_dir, 'model.pt')  # what resuming writes over: still the checkpoint this run read?
+        if (checkpoint is not None and world.is_main and os.path.exists(own)  # (read before the folder was locked)
+                and load_checkpoint(own)['step'] != checkpoint['step']):
+            raise RunError(f'--resume {config.resume}: {own} was written by another run while this one started; '
+                           'resume again')
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
         if world.is_main and config.tsne:
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training

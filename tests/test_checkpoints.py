@@ -295,9 +295,10 @@ def test_a_full_disk_while_the_outputs_are_written_says_training_is_saved_and_ho
                           f'done and saved in {run}. Write them with: ') and err.endswith(f'--resume {run}\n')
 
 
+@pytest.mark.parametrize('resumed', ['the folder', 'a copy of the checkpoint in it'])
 def test_a_checkpoint_written_over_while_the_resume_takes_the_folder_is_not_trained_from(tmp_path, data_dir,
-                                                                                        monkeypatch, capsys):
-    """Another run of the folder ended (and wrote model.pt) between this one reading the checkpoint and locking the
+                                                                                        monkeypatch, capsys, resumed):
+    """Another run of the folder ended (and wrote model.pt) between this one reading its checkpoint and locking the
     folder: training from what was read would write over the newer work."""
     run = tmp_path / 'run'
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
@@ -305,6 +306,8 @@ def test_a_checkpoint_written_over_while_the_resume_takes_the_folder_is_not_trai
     assert tm.main(['--resume', str(run), '--epochs', '2']) == 0
     newer = (run / 'model.pt').read_bytes()
     (run / 'model.pt').write_bytes(first)
+    if resumed == 'a copy of the checkpoint in it':
+        (run / 'model.pt').rename(run / 'copy.pt')
     real_claim = tm.claimed_folder
 
     @contextlib.contextmanager
@@ -314,8 +317,9 @@ def test_a_checkpoint_written_over_while_the_resume_takes_the_folder_is_not_trai
             yield folder
     monkeypatch.setattr(tm, 'claimed_folder', claimed_after_the_other_run_ended)
     capsys.readouterr()
-    assert tm.main(['--resume', str(run), '--epochs', '3']) == 1
-    assert capsys.readouterr().err == (f'error: --resume {run}: {run}/model.pt was written by another run while '
+    given = run if resumed == 'the folder' else run / 'copy.pt'
+    assert tm.main(['--resume', str(given), '--epochs', '3']) == 1
+    assert capsys.readouterr().err == (f'error: --resume {given}: {run}/model.pt was written by another run while '
                                        'this one started; resume again\n')
     assert (run / 'model.pt').read_bytes() == newer
 
