@@ -570,8 +570,8 @@ class TsneFilm:
                                      total_steps)
             plt.show(block=False)
         if history and history['embeddings'].shape[1] != len(labels):  # --tsne-points changed on resume
-            self.log(f't-SNE film: --tsne-points {len(labels)} is not the {history["embeddings"].shape[1]} points of '
-                     'its frames so far: it starts afresh')
+            self.log(f't-SNE film: it now shows {len(labels)} points, where its frames so far show '
+                     f'{history["embeddings"].shape[1]}: it starts afresh')
             history = {}
         self.embeddings = [e.numpy() for e in history.get('embeddings', [])]
         self.steps = [int(s) for s in history.get('steps', [])]
@@ -1383,7 +1383,8 @@ def lock_file(path):
         os.ftruncate(fd, 0)
         os.write(fd, f'{os.getpid()}\n'.encode())
     except OSError:  # a full disk: no lock is left behind
-        os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)
         raise
     return fd

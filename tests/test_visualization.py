@@ -133,7 +133,7 @@ def test_a_film_resumed_with_other_tsne_points_says_it_starts_afresh(tmp_path, d
     assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     capsys.readouterr()
     assert tm.main(['--resume', str(run), '--epochs', '2', '--tsne-points', '60']) == 0
-    assert 't-SNE film: --tsne-points 60 is not the 150 points of its frames so far: it starts afresh' \
+    assert 't-SNE film: it now shows 60 points, where its frames so far show 150: it starts afresh' \
         in capsys.readouterr().out
     assert np.load(run / 'tsne.npz')['steps'].tolist() == [16, 20, 24]
 
