@@ -365,7 +365,8 @@ class Run:
         if world.size > 1:
             self.trained_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == 'cuda' else None)
-        self.tsne_points = min(config.tsne_points, self.eval_size) if config.tsne else 0
+        self.film_points = min(config.tsne_points, self.eval_size)  # the film's images, and the projector's
+        self.tsne_points = self.film_points if config.tsne else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
         self.film = None
         if self.tsne_points and world.is_main:
@@ -428,7 +429,7 @@ class Run:
     def test_all(self):
         """The full test set, scored and logged; with TensorBoard, the features of the film's images kept for its
         projector."""
-        projected = min(self.config.tsne_points, self.eval_size) if self.board is not None else 0
+        projected = self.film_points if self.board is not None else 0
         result = evaluate(self.model, self.test_images, self.test_labels, projected, self.config.precision)
         self.log(f'epoch {self.progress.epoch:>2}/{self.config.epochs} done | test loss {result.loss:.4f} '
                  f'| test acc {result.accuracy:.4f} ({len(self.test_images)} images) | {self.elapsed():.1f} s')
@@ -1404,6 +1405,11 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
     while not os.path.exists(path):
         created.append(path)
         path = os.path.dirname(path)
+
+    def remove_created():
+        with contextlib.suppress(OSError):
+            for path in created:
+                os.rmdir(path)  # fails, and so stops, at the first folder that holds something
     try:
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -1412,9 +1418,7 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
             created.insert(0, os.path.abspath(folder))
         lock = lock_file(os.path.join(folder, LOCK_FILE))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            for path in created:
-                os.rmdir(path)
+        remove_created()
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
     try:
         held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
@@ -1426,8 +1430,7 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
     finally:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(folder, LOCK_FILE))
-            for path in created:
-                os.rmdir(path)  # fails, and so stops, at the first folder that holds something
+        remove_created()
         os.close(lock)
 
 
@@ -1951,11 +1954,13 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
                    'anew with a lower --batch-size (a resumed run keeps its own)')
         code = EXIT_RUNTIME
     elif isinstance(error, OSError):  # a disk that fills up or a folder that vanishes while the run writes
-        kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
-        message, code = f'error: {error}' + ('; the last checkpoint written is kept' if kept else ''), EXIT_RUNTIME
         if stage in stop_messages and stage is not Stage.STARTING:  # what stands, as a stop there would say
             message = f'error: {error}, ' + stop_messages[stage].removeprefix('interrupted ').format(
                 out_dir=status.out_dir, resume=resume_command(status.out_dir, world))
+        else:
+            kept = status.out_dir and os.path.exists(os.path.join(status.out_dir, 'model.pt'))
+            message = f'error: {error}' + ('; the last checkpoint written is kept' if kept else '')
+        code = EXIT_RUNTIME
     elif world.size > 1 and (isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and re.search(
             r'gloo|NCCL|Connection (reset|closed) by peer', str(error))):  # a collective broken by another's death
         message, code = 'error: another process of the job failed; its own output says why', EXIT_RUNTIME
