@@ -64,9 +64,16 @@ def stop_while_starting(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def stop_signals():
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal), less those the process was started ignoring, which Python
+    leaves ignored too: SIGHUP under nohup, SIGINT in a shell script's background job."""
+    wanted = (signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGHUP', None))
+    return [s for s in wanted if s is not None and signal.getsignal(s) != signal.SIG_IGN]
+
+
 if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback
-    signal.signal(signal.SIGINT, stop_while_starting)
-    signal.signal(signal.SIGTERM, stop_while_starting)
+    for signum in stop_signals():
+        signal.signal(signum, stop_while_starting)
 
 import numpy as np  # torch loads it anyway
 import torch
@@ -1840,13 +1847,6 @@ def signals_handled(status):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def stop_signals():
-    """SIGINT, SIGTERM, and SIGHUP (a closed terminal) unless it is ignored, as under nohup."""
-    hangup = getattr(signal, 'SIGHUP', None)
-    return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN
-                                              else [])
 
 
 # -----------------------------------------------------------------------------

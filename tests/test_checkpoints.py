@@ -673,18 +673,21 @@ def test_a_reader_that_stops_reading_does_not_stop_the_run(tmp_path, data_dir, f
     assert process.stderr.read() == '' and (run / 'summary.json').exists()
 
 
-@pytest.mark.parametrize('under_nohup', [False, True])
-def test_a_closed_terminal_saves_unless_under_nohup(uninterrupted, tmp_path, fixture_checksums, under_nohup):
+@pytest.mark.parametrize('signum, ignored', [(signal.SIGHUP, False), (signal.SIGHUP, True), (signal.SIGINT, True)])
+def test_a_stop_signal_saves_unless_the_run_was_started_ignoring_it(uninterrupted, tmp_path, fixture_checksums, signum,
+                                                                     ignored):
+    """A closed terminal's SIGHUP saves and stops, unless the run was started under nohup, which ignores it; a shell
+    script's background job is started ignoring SIGINT, and Ctrl-C at that script's terminal leaves it training."""
     data, _ = uninterrupted
     run = tmp_path / 'run'
     def disposition():  # set either way: a test run under nohup would hand its ignored SIGHUP down
-        signal.signal(signal.SIGHUP, signal.SIG_IGN if under_nohup else signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
     process = run_script([*LONG, '--save-every', '5', '--data-dir', data, '--out-dir', run], fixture_checksums,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=disposition)
     wait_for(run / 'model.pt', process)
-    process.send_signal(signal.SIGHUP)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    if under_nohup:
-        assert process.returncode == 0 and (run / 'summary.json').exists()
+    if ignored:
+        assert process.returncode == 0 and (run / 'summary.json').exists(), stderr
     else:
-        assert process.returncode == 129 and 'checkpoint saved. Resume with:' in stdout and stderr == ''
+        assert process.returncode == 128 + signum and 'checkpoint saved. Resume with:' in stdout and stderr == ''
