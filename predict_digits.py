@@ -37,8 +37,8 @@ def stop_while_starting(signum, frame):  # as the trainer's, which cannot be imp
 
 
 if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback
-    signal.signal(signal.SIGINT, stop_while_starting)
-    signal.signal(signal.SIGTERM, stop_while_starting)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # (one the process was started ignoring stays ignored)
+        signal.signal(signum, signal.SIG_IGN if signal.getsignal(signum) == signal.SIG_IGN else stop_while_starting)
 
 import numpy as np
 import torch
@@ -178,8 +178,7 @@ def predict_all(model, device, entries, rows, log):
 
 
 def printable(path):
-    """A path on one line that UTF-8 can print: bytes that are no UTF-8 as \\xNN, characters that are not printable (a
-    newline, a line separator) as Python escapes them (a POSIX file name may hold both)."""
+    """A path on one line that UTF-8 can print: bytes that are no UTF-8 as \\xNN, unprintable characters escaped."""
     text = path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
     return ''.join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import FAST, ROOT, SCRIPT, run_script
+from conftest import FAST, PREDICT_SCRIPT, ROOT, SCRIPT, run_script
 
 LONG = ['--no-tsne', '--device', 'cpu', '--epochs', '3', '--batch-size', '10', '--log-interval', '20',
         '--eval-size', '200']  # 60 steps an epoch, 180 in all
@@ -450,31 +450,27 @@ def test_ctrl_c_inside_a_step_that_catches_failures_still_stops_the_run(tmp_path
     assert not (tmp_path / 'run').exists()
 
 
-def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
-    process = subprocess.Popen([sys.executable, SCRIPT, '--no-tsne'], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while 'libtorch' not in open(f'/proc/{process.pid}/maps').read():  # torch's import has begun
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
-
-
-@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_predict_digits_imports_torch_is_one_line(tmp_path, signum):
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'predict_digits.py'), 'x.png'], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize('script, signum, ignored', [
+    (SCRIPT, signal.SIGINT, False), (SCRIPT, signal.SIGTERM, False), (SCRIPT, signal.SIGHUP, False),
+    (SCRIPT, signal.SIGINT, True), (PREDICT_SCRIPT, signal.SIGINT, False), (PREDICT_SCRIPT, signal.SIGTERM, False),
+    (PREDICT_SCRIPT, signal.SIGINT, True)])
+def test_a_signal_while_torch_is_imported_is_one_line(tmp_path, script, signum, ignored):
+    """Unless the process was started ignoring it (SIGINT, in a shell script's background job): then it goes on to
+    its end, here a usage error (--epochs 0) or a missing model."""
+    process = subprocess.Popen([sys.executable, script, 'x.png' if script == PREDICT_SCRIPT else '--epochs=0'],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while 'libtorch' not in open(f'/proc/{process.pid}/maps').read():  # torch's import has begun
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.005)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum
-    assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
+    if ignored:
+        assert process.returncode == (1 if script == PREDICT_SCRIPT else 2) and 'interrupted' not in stderr
+    else:
+        assert process.returncode == 128 + signum
+        assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
 
 
 def test_ctrl_c_again_after_the_checkpoint_is_saved_stays_quiet(uninterrupted, tmp_path, fixture_checksums):
