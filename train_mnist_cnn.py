@@ -513,7 +513,7 @@ class Run:
         }
         if self.board is not None and not self.board_holds_the_end():
             self.write_board(test)
-        write_json(os.path.join(self.out_dir, 'summary.json'), summary)
+        write_atomic(os.path.join(self.out_dir, 'summary.json'), (json.dumps(summary, indent=2) + '\n').encode())
         self.log(f'{"dry run " if config.dry_run else ""}done: test accuracy {test.accuracy:.4f}, '
                  f'{train_seconds:.1f} s training; files in {self.out_dir}')
 
@@ -868,10 +868,10 @@ def someone_at_the_terminal():
 
 def frame_jump(frames):
     """Mean distance a point moves between consecutive frames, each scaled to its own min-max box."""
-    lo, hi = frames.min(axis=1, keepdims=True), frames.max(axis=1, keepdims=True)
-    scaled = (frames - lo) / (hi - lo)
     if len(frames) < 2:
         return 0.0
+    lo, hi = frames.min(axis=1, keepdims=True), frames.max(axis=1, keepdims=True)
+    scaled = (frames - lo) / (hi - lo)
     return float(np.linalg.norm(scaled[1:] - scaled[:-1], axis=-1).mean())
 
 
@@ -994,7 +994,6 @@ def option_help(field):
 
 
 def add_flag(parser, name, **settings):
-    """The flag of Config's field `name`, with its check and its help."""
     field = CONFIG_FIELDS[name]
     if field.metadata['flag']:  # a switch: an on-by-default feature it turns off, or the other way round
         parser.add_argument(field.metadata['flag'], dest=name, action='store_false' if field.default else 'store_true',
@@ -1326,10 +1325,6 @@ def write_atomic(path, data, shared=False):
         f.write(data)
 
 
-def write_json(path, data):
-    write_atomic(path, (json.dumps(data, indent=2) + '\n').encode())
-
-
 METRICS_COLUMNS = ['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seconds']
 
 
@@ -1547,17 +1542,16 @@ def restore(checkpoint):
         check_adam_state(checkpoint['optimizer'], config['lr'], progress.step)
     with field_named('tsne'):
         film = checkpoint.get('tsne') or {}
-        predictions = film.get('predictions', torch.zeros(film['embeddings'].shape[:2], dtype=torch.int64)) \
-            if film else None
-        steps = torch.as_tensor(film['steps']) if film else None
-        if film and not (set(film) <= {'embeddings', 'steps', 'titles', 'predictions'}
-                         and film['embeddings'].dim() == 3 and film['embeddings'].shape[2] == 2
-                         and bool(film['embeddings'].isfinite().all()) and steps.dtype == torch.int64
-                         and isinstance(film['titles'], list) and all(isinstance(t, str) for t in film['titles'])
-                         and len(steps) == len(film['titles']) == len(film['embeddings'])
-                         and predictions.shape == film['embeddings'].shape[:2] and predictions.dtype == torch.int64
-                         and bool(((predictions >= 0) & (predictions <= 9)).all())):
-            raise BadField('tsne does not hold frames of the film')
+        if film:
+            embeddings, steps, titles = film['embeddings'], torch.as_tensor(film['steps']), film['titles']
+            predictions = film.get('predictions', torch.zeros(embeddings.shape[:2], dtype=torch.int64))  # (older runs)
+            if not (set(film) <= {'embeddings', 'steps', 'titles', 'predictions'}
+                    and embeddings.dim() == 3 and embeddings.shape[2] == 2 and bool(embeddings.isfinite().all())
+                    and steps.dtype == torch.int64 and isinstance(titles, list)
+                    and all(isinstance(t, str) for t in titles) and len(steps) == len(titles) == len(embeddings)
+                    and predictions.shape == embeddings.shape[:2] and predictions.dtype == torch.int64
+                    and bool(((predictions >= 0) & (predictions <= 9)).all())):
+                raise BadField('tsne does not hold frames of the film')
     return {**checkpoint, 'config': config, 'progress': progress}
 
 
