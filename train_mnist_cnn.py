@@ -1518,8 +1518,8 @@ def restore(checkpoint):
             if field.type is list:
                 if not isinstance(value, list) or not all(
                         isinstance(row, dict) and list(row) == METRICS_COLUMNS
-                        and all(is_number(x) and math.isfinite(x) for x in row.values()) for row in value):
-                    raise BadField(f'progress.{field.name} holds rows that are not numbers for '
+                        and all(is_number(x) and 0 <= x < 2**63 for x in row.values()) for row in value):
+                    raise BadField(f'progress.{field.name} holds rows that are not numbers from 0 to 2**63 for '
                                    f'{", ".join(METRICS_COLUMNS)}')
             elif not (is_number(value, kinds) and 0 <= value < 2**63):
                 raise BadField(f'progress.{field.name} is {value!r}, not a {field.type.__name__} from 0 to 2**63')
@@ -1528,7 +1528,7 @@ def restore(checkpoint):
             raise BadField('epoch and step are not the whole numbers in progress')
     if not isinstance(checkpoint.get('torch_version', ''), str):
         raise BadField('torch_version is not text')
-    unknown = sorted(set(checkpoint) - CHECKPOINT_KEYS - {'tsne', 'torch_version'})
+    unknown = sorted(map(str, set(checkpoint) - CHECKPOINT_KEYS - {'tsne', 'torch_version'}))
     if unknown:
         raise BadField(f'{unknown[0]} is unknown to this version of the script')
     with field_named('rng'):
@@ -1546,7 +1546,8 @@ def restore(checkpoint):
             embeddings, steps, titles = film['embeddings'], torch.as_tensor(film['steps']), film['titles']
             predictions = film.get('predictions', torch.zeros(embeddings.shape[:2], dtype=torch.int64))  # (older runs)
             if not (set(film) <= {'embeddings', 'steps', 'titles', 'predictions'}
-                    and embeddings.dim() == 3 and embeddings.shape[2] == 2 and bool(embeddings.isfinite().all())
+                    and embeddings.dim() == 3 and embeddings.shape[2] == 2 and embeddings.dtype == torch.float32
+                    and bool((embeddings.abs() < 2**63).all())  # finite, and so are the margins drawn around them
                     and steps.dtype == torch.int64 and isinstance(titles, list)
                     and all(isinstance(t, str) for t in titles) and len(steps) == len(titles) == len(embeddings)
                     and predictions.shape == embeddings.shape[:2] and predictions.dtype == torch.int64

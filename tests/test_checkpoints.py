@@ -587,6 +587,13 @@ def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, go
                         config={**c['config'], 'tsne': True}), 'tsne'),
     (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2), 'steps': [1, 2], 'titles': [1, None]},
                         config={**c['config'], 'tsne': True}), 'tsne'),
+    (lambda c: c.update({1: 0, 'zz': 0}), '1 is unknown to this version of the script'),
+    (lambda c: c.update(tsne={'embeddings': torch.zeros(2, 5, 2, dtype=torch.bfloat16), 'steps': [1, 2],
+                              'titles': ['a', 'b']}), 'tsne'),
+    (lambda c: c.update(tsne={'embeddings': torch.tensor([[3e38, -3e38]] * 5).expand(2, 5, 2), 'steps': [1, 2],
+                              'titles': ['a', 'b']}), 'tsne'),
+    (lambda c: c['progress']['metrics'][0].update(train_loss=1e308), 'progress.metrics'),
+    (lambda c: c['progress']['metrics'][0].update(eval_accuracy=-1e308), 'progress.metrics'),
 ])
 def test_more_crafted_checkpoints_are_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field):
     test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, good_checkpoint, capsys, craft, field)
