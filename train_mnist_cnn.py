@@ -1737,6 +1737,9 @@ def join_process_group(world, device):
         if missing:
             raise UsageError(f'WORLD_SIZE={world.size} asks for a job, but {" and ".join(missing)} '
                              f'{"is" if len(missing) == 1 else "are"} not set: start it with torchrun, which sets them')
+        port = os.environ['MASTER_PORT']
+        if not (port.isdecimal() and int(port) <= 65535):
+            raise UsageError(f'MASTER_PORT={port!r} is not a port number (0..65535)')
         if not dist.is_torchelastic_launched():  # started by hand or by another launcher: the others may be late
             say(f'[rank {world.rank}] waiting up to 10 minutes for the job\'s {world.size} processes at '
                 f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}; a stop signal is only seen once all are in')

@@ -184,14 +184,20 @@ def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsy
     assert tm.make_config(tm.parse_flags(['--eval-size', '10', '--no-tsne'])).eval_size == 10
 
 
-def test_a_job_without_its_rendezvous_variables_names_them(monkeypatch, capsys):
+@pytest.mark.parametrize('address, port, said', [
+    (None, '29500', 'WORLD_SIZE=2 asks for a job, but MASTER_ADDR is not set: start it with torchrun, which sets them'),
+    ('127.0.0.1', 'abc', "MASTER_PORT='abc' is not a port number (0..65535)"),
+    ('127.0.0.1', '70000', "MASTER_PORT='70000' is not a port number (0..65535)")])
+def test_a_job_without_its_rendezvous_variables_names_them(monkeypatch, capsys, address, port, said):
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('RANK', '0')
-    monkeypatch.delenv('MASTER_ADDR', raising=False)
-    monkeypatch.setenv('MASTER_PORT', '29500')
-    assert tm.main(['--no-tsne']) == 2
-    assert one_line_error(capsys) == ('[rank 0] usage error: WORLD_SIZE=2 asks for a job, but MASTER_ADDR is not set: '
-                                      'start it with torchrun, which sets them')
+    if address is None:
+        monkeypatch.delenv('MASTER_ADDR', raising=False)
+    else:
+        monkeypatch.setenv('MASTER_ADDR', address)
+    monkeypatch.setenv('MASTER_PORT', port)
+    assert tm.main(['--no-tsne', '--device', 'cpu']) == 2
+    assert one_line_error(capsys) == f'[rank 0] usage error: {said}'
 
 
 def test_a_process_started_by_hand_says_it_waits_for_the_others(tmp_path):
