@@ -1740,12 +1740,16 @@ def join_process_group(world, device):
         port = os.environ['MASTER_PORT']
         if not (port.isdecimal() and int(port) <= 65535):
             raise UsageError(f'MASTER_PORT={port!r} is not a port number (0..65535)')
+        address = f'{os.environ["MASTER_ADDR"]}:{port}'
         if not dist.is_torchelastic_launched():  # started by hand or by another launcher: the others may be late
-            say(f'[rank {world.rank}] waiting up to 10 minutes for the job\'s {world.size} processes at '
-                f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}; a stop signal is only seen once all are in')
+            say(f'[rank {world.rank}] waiting for the job\'s {world.size} processes at {address} (torch gives up '
+                'after 10 to 20 minutes); a stop signal is only seen once all are in')
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': device} if device.type == 'cuda' else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
+        except dist.DistError as e:  # no process failed: one never came, or the address does not answer
+            raise RunError(f'the job\'s {world.size} processes did not all meet at {address} ({one_line(e)})') from None
 
 
 def any_process(flag, world, device):
