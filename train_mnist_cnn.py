@@ -1062,9 +1062,10 @@ def make_config(flags, resumed=None):
             raise UsageError(f'--out-dir {flags["out_dir"]}: a resumed run goes on in its own folder, {folder}; '
                              'leave --out-dir out (copy the folder first to branch off)')
         values['out_dir'] = folder
-        epochs = flags.get('epochs', values['epochs'])
-        if epochs < resumed['epoch']:
-            raise UsageError(f'--epochs {epochs} is below the {resumed["epoch"]} epochs already trained')
+        epochs, progress = flags.get('epochs', values['epochs']), resumed['progress']
+        begun = progress.epoch + (progress.step_in_epoch > 0)  # an epoch begun is trained to its end
+        if epochs < begun:
+            raise UsageError(f'--epochs {epochs} is below the {begun} epochs already trained or begun')
     values.update(flags)
     config = Config(**values)
     if config.dry_run:

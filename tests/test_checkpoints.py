@@ -192,7 +192,26 @@ def test_resume_cannot_lower_epochs_below_those_done(tmp_path, data_dir, capsys)
     run = tmp_path / 'run'
     assert tm.main([*FAST, '--epochs', '2', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     assert tm.main(['--resume', str(run), '--epochs', '1']) == 2
-    assert 'below the 2 epochs already trained' in capsys.readouterr().err
+    assert 'below the 2 epochs already trained or begun' in capsys.readouterr().err
+
+
+def test_resume_cannot_end_the_run_inside_an_epoch_it_began(tmp_path, data_dir, monkeypatch, capsys):
+    """Stopped 5 steps into epoch 2, a resume with --epochs 1 labelled step 17's model as epoch 1's end."""
+    real_step, steps = tm.train_step, []
+
+    def step_then_ctrl_c(*args):
+        steps.append(1)
+        if len(steps) == 17:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args)
+    monkeypatch.setattr(tm, 'train_step', step_then_ctrl_c)
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--epochs', '2', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 130
+    monkeypatch.setattr(tm, 'train_step', real_step)
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run), '--epochs', '1']) == 2
+    assert capsys.readouterr().err == 'usage error: --epochs 1 is below the 2 epochs already trained or begun\n'
+    assert not (run / 'summary.json').exists()
 
 
 def test_resume_of_a_bare_file_name_continues_in_the_current_folder(tmp_path, data_dir, monkeypatch):
@@ -532,7 +551,7 @@ def test_resuming_a_run_with_more_epochs_done_than_asked_names_both(tmp_path, go
     checkpoint['config']['epochs'] = 1  # (the run itself was for 3)
     torch.save(checkpoint, tmp_path / 'model.pt')
     assert tm.main(['--resume', str(tmp_path / 'model.pt')]) == 2
-    assert capsys.readouterr().err == 'usage error: --epochs 1 is below the 3 epochs already trained\n'
+    assert capsys.readouterr().err == 'usage error: --epochs 1 is below the 3 epochs already trained or begun\n'
 
 
 @pytest.mark.parametrize('craft, field', [
