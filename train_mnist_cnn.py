@@ -228,7 +228,8 @@ def autocast(device, precision):
 
 
 def train_step(model, optimizer, images, labels, batch_size, world_size, precision='fp32'):
-    """One Adam step on this process's share of a global batch; returns its mean loss as a tensor (no host sync)."""
+    """One Adam step on this process's share of a global batch; returns the share's part of the batch's mean loss (the
+    mean itself in one process) as a tensor, with no host sync."""
     with autocast(images.device, precision):
         logits, _ = model(to_unit_range(images))
     loss_sum = F.cross_entropy(logits.float(), labels, reduction='sum')
@@ -236,7 +237,7 @@ def train_step(model, optimizer, images, labels, batch_size, world_size, precisi
     # sum / global batch size, times the processes that DDP averages over: the global mean's gradient
     (loss_sum * (world_size / batch_size)).backward()
     optimizer.step()
-    return loss_sum.detach() / max(len(labels), 1)
+    return loss_sum.detach() / batch_size
 
 
 @dataclasses.dataclass
@@ -294,6 +295,8 @@ def train(run, signals):
 
             # log: score the eval subset, print a line, record a metrics row and a film frame
             if progress.step % config.log_interval == 0:
+                if world.size > 1:  # each process's part of the batch's mean loss: the mean
+                    dist.all_reduce(loss)
                 run.check_finite(loss)
                 if world.is_main:
                     run.evaluate_and_record(loss.item(), window_images / (time.perf_counter() - window_started))
@@ -313,7 +316,7 @@ def train(run, signals):
         test = run.test_all() if world.is_main else None
     if test is None and world.is_main:  # resumed after the last epoch had ended
         test = run.test_all()
-    if signals:  # one came while the last epoch was saved and scored: its checkpoint stands
+    if any_process(bool(signals), world, run.device):  # one came while the last epoch was saved and scored
         run.stop(signals)
     return test
 

@@ -30,6 +30,10 @@ if os.environ.get('SLOW_OUTPUTS') and os.environ['RANK'] == '0':  # the others r
     import time
     real_write_outputs = tm.Run.write_outputs
     tm.Run.write_outputs = lambda *args: time.sleep(float(os.environ['SLOW_OUTPUTS'])) or real_write_outputs(*args)
+if os.environ.get('STOP_AT_END') == os.environ['RANK']:  # a stop signal while the last epoch is scored
+    import signal
+    real_test_all = tm.Run.test_all
+    tm.Run.test_all = lambda self: signal.raise_signal(signal.SIGTERM) or real_test_all(self)
 sys.exit(tm.main(sys.argv[1:]))
 '''
 
@@ -63,6 +67,8 @@ def test_two_processes_match_one_over_the_same_global_batches(tmp_path, data_dir
     assert ddp['step'] == single['step'] == 24
     for key, value in single['model'].items():
         torch.testing.assert_close(ddp['model'][key], value, rtol=1e-3, atol=1e-4)
+    losses = [[row['train_loss'] for row in run['progress']['metrics']] for run in (ddp, single)]
+    torch.testing.assert_close(*map(torch.tensor, losses), rtol=1e-3, atol=1e-4)  # the global batch's, not rank 0's
 
 
 def test_the_others_wait_for_the_first_process_outputs_and_the_checkpoint_resumes_in_one_process(
@@ -83,6 +89,18 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path, data_dir, fixture_checksums
     assert out.returncode != 0
     assert 'injected failure in rank 1' in out.stderr
     assert not (tmp_path / 'run' / 'summary.json').exists()
+
+
+def test_a_stop_after_the_last_step_stops_every_process(tmp_path, data_dir, fixture_checksums):
+    """Rank 0 alone sees the signal, while it scores the last epoch: the others stop with it, not as failed."""
+    logs = tmp_path / 'logs'
+    out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
+                   env_changes={'STOP_AT_END': '0'}, launch=('--standalone', '--redirects', '3', '--log-dir', str(logs)))
+    assert out.returncode != 0  # (torchrun's own, for a process that stopped on a signal)
+    [rank0], [rank1] = logs.glob('*/attempt_0/0/stdout.log'), logs.glob('*/attempt_0/1/stderr.log')
+    assert 'interrupted at step 12; checkpoint saved. Resume with:' in rank0.read_text()
+    assert rank1.read_text() == ''
+    assert torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)['step'] == 12
 
 
 def test_batch_smaller_than_the_processes_is_a_usage_error(tmp_path, data_dir, fixture_checksums):
