@@ -95,7 +95,8 @@ def test_a_stop_after_the_last_step_stops_every_process(tmp_path, data_dir, fixt
     """Rank 0 alone sees the signal, while it scores the last epoch: the others stop with it, not as failed."""
     logs = tmp_path / 'logs'
     out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
-                   env_changes={'STOP_AT_END': '0'}, launch=('--standalone', '--redirects', '3', '--log-dir', str(logs)))
+                   env_changes={'STOP_AT_END': '0'},
+                   launch=('--standalone', '--redirects', '3', '--log-dir', str(logs)))
     assert out.returncode != 0  # (torchrun's own, for a process that stopped on a signal)
     [rank0], [rank1] = logs.glob('*/attempt_0/0/stdout.log'), logs.glob('*/attempt_0/1/stderr.log')
     assert 'interrupted at step 12; checkpoint saved. Resume with:' in rank0.read_text()
