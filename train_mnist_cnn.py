@@ -491,6 +491,8 @@ class Run:
         """After a checkpoint: say where training stopped and how to go on, and stop."""
         self.log(f'interrupted at step {self.progress.step}; checkpoint saved. Resume with:\n'
                  f'  {resume_command(self.out_dir, self.world)}')
+        if self.world.size > 1:  # the processes end together: one that left the group early aborted in Gloo's exit
+            dist.barrier()
         raise Stopped(signals[0] if signals else signal.SIGTERM, Stage.TRAINING)
 
     def write_outputs(self, test, wall_started):
