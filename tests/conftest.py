@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -11,6 +12,11 @@ import tomllib
 
 import numpy as np
 import pytest
+
+# Started as a shell script's background job, pytest would have SIGINT ignored, and so would every run it starts,
+# as the scripts leave an ignored SIGINT ignored: the tests of Ctrl-C give back Python's own handler first
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ORIGINAL_ENVIRON = dict(os.environ)
 os.environ.setdefault('MPLBACKEND', 'Agg')
