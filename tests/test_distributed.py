@@ -30,10 +30,12 @@ if os.environ.get('SLOW_OUTPUTS') and os.environ['RANK'] == '0':  # the others r
     import time
     real_write_outputs = tm.Run.write_outputs
     tm.Run.write_outputs = lambda *args: time.sleep(float(os.environ['SLOW_OUTPUTS'])) or real_write_outputs(*args)
-if os.environ.get('STOP_AT_END') == os.environ['RANK']:  # a stop signal while the last epoch is scored
+if os.environ.get('STOP_AT_END'):  # a stop signal that this rank alone sees while the last epoch is scored
     import signal
-    real_test_all = tm.Run.test_all
-    tm.Run.test_all = lambda self: signal.raise_signal(signal.SIGTERM) or real_test_all(self)
+    real_test_all, real_stop = tm.Run.test_all, tm.Run.stop
+    if os.environ['STOP_AT_END'] == os.environ['RANK']:
+        tm.Run.test_all = lambda self: signal.raise_signal(signal.SIGTERM) or real_test_all(self)
+    tm.Run.stop = lambda self, signals: open('stopped-' + os.environ['RANK'], 'w').close() or real_stop(self, signals)
 sys.exit(tm.main(sys.argv[1:]))
 '''
 
@@ -100,6 +102,7 @@ def test_a_stop_after_the_last_step_stops_every_process(tmp_path, data_dir, fixt
     assert out.returncode != 0  # (torchrun's own, for a process that stopped on a signal)
     [rank0], [rank1] = logs.glob('*/attempt_0/0/stdout.log'), logs.glob('*/attempt_0/1/stderr.log')
     assert 'interrupted at step 12; checkpoint saved. Resume with:' in rank0.read_text()
+    assert (tmp_path / 'stopped-1').exists()  # rank 1 stopped too, rather than going on to the end
     assert 'failed' not in rank1.read_text()  # (torch's teardown may still abort it, rarely: see the README)
     assert torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)['step'] == 12
 
