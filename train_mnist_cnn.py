@@ -1744,8 +1744,8 @@ def join_process_group(world, device):
             raise UsageError(f'WORLD_SIZE={world.size} asks for a job, but {" and ".join(missing)} '
                              f'{"is" if len(missing) == 1 else "are"} not set: start it with torchrun, which sets them')
         port = os.environ['MASTER_PORT']
-        if not (port.isdecimal() and int(port) <= 65535):
-            raise UsageError(f'MASTER_PORT={port!r} is not a port number (0..65535)')
+        if not (port.isdecimal() and 0 < int(port) <= 65535):  # (0 asks for any free port: no other process finds it)
+            raise UsageError(f'MASTER_PORT={port!r} is not a port number (1..65535)')
         address = f'{os.environ["MASTER_ADDR"]}:{port}'
         if not dist.is_torchelastic_launched():  # started by hand or by another launcher: the others may be late
             say(f'[rank {world.rank}] waiting for the job\'s {world.size} processes at {address} (torch gives up '
