@@ -37,7 +37,7 @@ def stop_while_starting(signum, frame):  # as the trainer's, which cannot be imp
 
 
 if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback
-    for signum in (signal.SIGINT, signal.SIGTERM):  # (one the process was started ignoring stays ignored)
+    for signum in {signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGHUP', signal.SIGTERM)}:  # (as the trainer's)
         signal.signal(signum, signal.SIG_IGN if signal.getsignal(signum) == signal.SIG_IGN else stop_while_starting)
 
 import numpy as np

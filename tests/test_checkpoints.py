@@ -472,7 +472,7 @@ def test_ctrl_c_inside_a_step_that_catches_failures_still_stops_the_run(tmp_path
 @pytest.mark.parametrize('script, signum, ignored', [
     (SCRIPT, signal.SIGINT, False), (SCRIPT, signal.SIGTERM, False), (SCRIPT, signal.SIGHUP, False),
     (SCRIPT, signal.SIGINT, True), (PREDICT_SCRIPT, signal.SIGINT, False), (PREDICT_SCRIPT, signal.SIGTERM, False),
-    (PREDICT_SCRIPT, signal.SIGINT, True)])
+    (PREDICT_SCRIPT, signal.SIGHUP, False), (PREDICT_SCRIPT, signal.SIGINT, True)])
 def test_a_signal_while_torch_is_imported_is_one_line(tmp_path, script, signum, ignored):
     """Unless the process was started ignoring it (SIGINT, in a shell script's background job): then it goes on to
     its end, here a usage error (--epochs 0) or a missing model."""
