@@ -37,8 +37,9 @@ def stop_while_starting(signum, frame):  # as the trainer's, which cannot be imp
 
 
 if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback
-    for signum in {signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGHUP', signal.SIGTERM)}:  # (as the trainer's)
-        signal.signal(signum, signal.SIG_IGN if signal.getsignal(signum) == signal.SIG_IGN else stop_while_starting)
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGHUP', None)):  # (as the trainer's stop_signals)
+        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:  # one started ignored stays ignored
+            signal.signal(signum, stop_while_starting)
 
 import numpy as np
 import torch
