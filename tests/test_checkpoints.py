@@ -293,9 +293,11 @@ def test_a_link_planted_in_the_run_folder_is_not_written_through(tmp_path, data_
         assert code == 0 and not (run / 'summary.json').is_symlink()
 
 
+def no_space(*args):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
 def test_a_full_disk_as_the_lock_is_written_leaves_no_folder(tmp_path, data_dir, monkeypatch, capsys):
-    def no_space(*args):
-        raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(tm.os, 'ftruncate', no_space)
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'new' / 'run')]) == 1
     assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/new/run: No space left on device\n'
@@ -304,8 +306,6 @@ def test_a_full_disk_as_the_lock_is_written_leaves_no_folder(tmp_path, data_dir,
 
 def test_a_full_disk_while_the_outputs_are_written_says_training_is_saved_and_how_to_finish(tmp_path, data_dir,
                                                                                            monkeypatch, capsys):
-    def no_space(*args):
-        raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(tm, 'draw_pictures', no_space)
     run = tmp_path / 'run'
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1

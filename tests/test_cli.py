@@ -189,7 +189,7 @@ def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsy
     ('127.0.0.1', 'abc', "MASTER_PORT='abc' is not a port number (1..65535)"),
     ('127.0.0.1', '70000', "MASTER_PORT='70000' is not a port number (1..65535)"),
     ('127.0.0.1', '0', "MASTER_PORT='0' is not a port number (1..65535)")])
-def test_a_job_without_its_rendezvous_variables_names_them(monkeypatch, capsys, address, port, said):
+def test_a_job_whose_rendezvous_variables_cannot_work_names_them(monkeypatch, capsys, address, port, said):
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('RANK', '0')
     if address is None:
