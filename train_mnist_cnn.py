@@ -86,9 +86,9 @@ from torch.optim.adam import adam as adam_step  # the arithmetic of torch.optim.
 # Configuration: each option declared once, with its default, its check and its help
 
 
-def option(default, help, check=None, *, flag=None, metavar='N', shown=None):
+def option(default, help, check=None, *, action=None, metavar='N', shown=None):
     """A Config field; the command line is built from these (see build_parser)."""
-    return dataclasses.field(default=default, metadata={'help': help, 'check': check, 'flag': flag,
+    return dataclasses.field(default=default, metadata={'help': help, 'check': check, 'action': action,
                                                         'metavar': metavar, 'shown': shown})
 
 
@@ -131,6 +131,7 @@ precision_name = matching('fp32|bf16', 'fp32 or bf16')
 path_name = matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (no NUL byte)')
 
 
+SWITCH = argparse.BooleanOptionalAction  # --tsne and --no-tsne, say: a resumed run can turn it either way
 TSNE_MIN_POINTS = 50  # t-SNE's perplexity of 30 needs more points than that
 DRY_RUN_STEPS = 2     # steps an epoch in a --dry-run, at most
 DRY_RUN_SETS = {'epochs': 2, 'log_interval': 1, 'tsne_points': 2 * TSNE_MIN_POINTS}  # and these settings
@@ -155,17 +156,19 @@ class Config:
     eval_size: int = option(2000, 'test images scored at each log step, as the tutorial does',
                             whole_number(1, 10_000))
     threads: int = option(0, 'CPU threads', whole_number(1, 1024), shown="torch's choice")
-    tsne: bool = option(True, 'no t-SNE film: runs headless without scikit-learn', flag='--no-tsne')
+    tsne: bool = option(True, 'the t-SNE film; --no-tsne runs headless without scikit-learn', action=SWITCH,
+                        shown='on')
     tsne_points: int = option(500, 'test images in the t-SNE film', whole_number(TSNE_MIN_POINTS, 10_000))
-    download: bool = option(True, 'use local MNIST files only; never fetch', flag='--no-download')
+    download: bool = option(True, 'fetch MNIST if it is missing; --no-download uses local files only',
+                            action=SWITCH, shown='on')
     save_every: int = option(0, 'also write model.pt every N steps', whole_number(1, 10**9),
                              shown='at the end of each epoch only')
     resume: str = option('', 'continue from a checkpoint file or a run folder holding model.pt', path_name,
                          metavar='PATH', shown='')
     dry_run: bool = option(False, 'every stage once, in seconds: two epochs of two steps, a checkpoint and a resume '
-                           'from it, the film, the pictures', flag='--dry-run')
+                           'from it, the film, the pictures', action='store_true', shown='')
     tensorboard: bool = option(False, 'also write TensorBoard event files and the projector\'s features into the run '
-                               'folder (needs: pip install tensorboard)', flag='--tensorboard')
+                               'folder; needs pip install tensorboard', action=SWITCH, shown='off')
 
 
 CONFIG_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
@@ -990,8 +993,6 @@ class ArgumentParser(argparse.ArgumentParser):
 def option_help(field):
     """The field's help as --help and the README's table show it: meaning (range; default)."""
     meta = field.metadata
-    if meta['flag']:
-        return meta['help']
     shown = field.default if meta['shown'] is None else meta['shown']
     notes = [getattr(meta['check'], 'range', ''), f'default: {shown}' if shown != '' else '']
     notes = '; '.join(note for note in notes if note)
@@ -999,13 +1000,12 @@ def option_help(field):
 
 
 def add_flag(parser, name, **settings):
-    field = CONFIG_FIELDS[name]
-    if field.metadata['flag']:  # a switch: an on-by-default feature it turns off, or the other way round
-        parser.add_argument(field.metadata['flag'], dest=name, action='store_false' if field.default else 'store_true',
-                            help=option_help(field), **settings)
+    field, flag = CONFIG_FIELDS[name], '--' + name.replace('_', '-')
+    if field.metadata['action']:
+        parser.add_argument(flag, action=field.metadata['action'], help=option_help(field), **settings)
     else:
-        parser.add_argument('--' + name.replace('_', '-'), type=field.metadata['check'],
-                            metavar=field.metadata['metavar'], help=option_help(field), **settings)
+        parser.add_argument(flag, type=field.metadata['check'], metavar=field.metadata['metavar'],
+                            help=option_help(field), **settings)
 
 
 def build_parser():
@@ -1038,7 +1038,7 @@ def saved_setting(field, value):
         return value
     if type(value) is not type(default) and not (type(default) is float and type(value) is int):
         raise ValueError(f'expected a {type(default).__name__}, got {value!r}')
-    if field.metadata['flag']:
+    if field.metadata['action']:
         return value
     try:
         return field.metadata['check'](str(value))
@@ -1082,7 +1082,7 @@ def make_config(flags, resumed=None):
                                  'two steps, a line and a frame each step, a film of 100 points)')
         config = dataclasses.replace(config, **DRY_RUN_SETS)
     if config.tensorboard:
-        check_tensorboard(config.out_dir)
+        check_tensorboard(config.out_dir, resumed=resumed is not None and 'tensorboard' not in flags)
     film_points = min(config.tsne_points, config.eval_size)
     if config.tsne and film_points < TSNE_MIN_POINTS:
         raise UsageError(f'--eval-size {config.eval_size} leaves the t-SNE film {film_points} points (it films the '
@@ -1091,11 +1091,12 @@ def make_config(flags, resumed=None):
     return config
 
 
-def check_tensorboard(out_dir):
+def check_tensorboard(out_dir, resumed):
     """--tensorboard needs torch.utils.tensorboard to import (the tensorboard package, new enough) and a folder name
     that is text: TensorBoard's writer encodes it as UTF-8."""
     if importlib.util.find_spec('tensorboard') is None:
-        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard')
+        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard'
+                         + (', or resume with --no-tensorboard' if resumed else ''))
     try:
         importlib.import_module('torch.utils.tensorboard')
     except Exception as e:  # too old (torch asks for 1.15 or above), or broken

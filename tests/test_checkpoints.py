@@ -106,6 +106,24 @@ def test_resume_can_raise_epochs_and_appends_metrics(tmp_path, data_dir):
     assert len(rows) == 1 + 6 and rows[-1].startswith('2,24,')
 
 
+def test_a_resume_can_turn_each_switch_either_way(tmp_path, data_dir, monkeypatch, capsys):
+    """A switch given once held for good: a run started headless and offline could never show its film, nor fetch
+    MNIST on a machine without it, and one with --tensorboard could not resume where tensorboard is missing."""
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--no-download', '--tensorboard', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    real_find_spec = tm.importlib.util.find_spec  # from here on, a machine without tensorboard
+    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'tensorboard' else
+                        real_find_spec(name))
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run), '--epochs', '2']) == 2
+    assert capsys.readouterr().err.endswith('pip install tensorboard, or resume with --no-tensorboard\n')
+    assert tm.main(['--resume', str(run), '--epochs', '2', '--tsne', '--download', '--no-tensorboard']) == 0
+    checkpoint, summary = final_state(run)
+    assert (summary['config']['tsne'], summary['config']['download'], summary['config']['tensorboard']) == (
+        True, True, False)
+    assert summary['tsne_frames'] == 3 and checkpoint['tsne']['steps'].tolist() == [16, 20, 24]
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_dir, monkeypatch, capsys):
     run = tmp_path / 'run'
     saves = []
