@@ -1322,6 +1322,9 @@ def atomic_path(path, shared=False):
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk names no file: the one being written is named
+        e.filename = e.filename or path
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -137,7 +137,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_
         real_fsync(fd)
     monkeypatch.setattr(os, 'fsync', fsync_that_dies_on_the_second_checkpoint)
     assert tm.main([*FAST, '--save-every', '3', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
-    assert 'No space left on device' in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: [Errno 28] No space left on device: '{run}/model.pt'; the last "
+                                       'checkpoint written is kept\n')  # (the file it failed to write, named)
     assert torch.load(run / 'model.pt', weights_only=True)['step'] == 3
     assert not [p for p in os.listdir(run) if p.startswith('.tmp')]
 
