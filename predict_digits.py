@@ -321,13 +321,13 @@ def predict(args, status, log):
         with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
             counts, shown = predict_all(model, device, entries, csv.writer(table), log)
         status.stage = Stage.DRAWING
-        seconds = time.perf_counter() - started
-        log(f'done: {counts["read"]} images predicted in {seconds:.1f} s ({counts["read"] / max(seconds, 1e-9):.0f} '
+        read, seconds = counts['read'], time.perf_counter() - started
+        log(f'done: {read} image{"s" * (read != 1)} predicted in {seconds:.1f} s ({read / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
         if shown:
             live = tm.interactive_backend(log)  # first: a backend that cannot work here is replaced by Agg
             film = film_for_predictions(run_dir, args.data_dir, model, device, log)
-            tm.save_figure(draw_predictions(shown, counts['read'], film), picture)
+            tm.save_figure(draw_predictions(shown, read, film), picture)
             if tm.someone_at_the_terminal() and live:  # shown until its window is closed, or a stop signal
                 tm.show_until_closed(status, picture)
     return tm.EXIT_RUNTIME if counts['failed'] else 0

@@ -253,6 +253,7 @@ def test_the_newest_run_is_the_default_model_and_the_line_says_which(glyphs, gly
     code, out, _ = predict([tmp_path / 'one.png'], capsys)
     accuracy = json.loads((glyphs['run'] / 'summary.json').read_text())['test_accuracy']
     assert code == 0 and out.splitlines()[0] == f'model: runs/newer/model.pt (test accuracy {accuracy:.4f})'
+    assert out.splitlines()[2].startswith('done: 1 image predicted in ')
     assert len([p for p in (tmp_path / 'runs').iterdir()]) == 3  # the two runs and this prediction's folder
 
 
