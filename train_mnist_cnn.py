@@ -527,11 +527,13 @@ class Run:
 
     def board_holds_the_end(self):
         """Whether an earlier process of this run wrote TensorBoard's end at this very step (a finished run resumed,
-        its outputs written again; summary.json comes after it): it is not written twice."""
+        its outputs written again): summary.json, written after the end, is of this step, and the projector's config,
+        the end's last entry, names this step's features. It is not written twice."""
         try:
             with open(os.path.join(self.out_dir, 'summary.json')) as f:
-                summary = json.load(f)
-            return summary['steps'] == self.progress.step and summary['config']['tensorboard'] is True
+                steps = json.load(f)['steps']
+            with open(os.path.join(self.out_dir, 'projector_config.pbtxt')) as f:
+                return steps == self.progress.step and f'{self.progress.step:05d}/features/' in f.read()
         except Exception:  # none, or one that is not this script's: the end is written
             return False
 

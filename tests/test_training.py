@@ -405,6 +405,8 @@ def test_tensorboard_holds_the_metrics_rows_and_the_projectors_features(tmp_path
                     '--out-dir', str(run)]) == 0
     assert tm.main(['--resume', str(run), '--epochs', '2']) == 0  # appended to, no step twice
     assert tm.main(['--resume', str(run)]) == 0  # a finished run's outputs written again: no step twice either
+    assert tm.main(['--resume', str(run), '--no-tensorboard']) == 0  # nor after a resume without it
+    assert tm.main(['--resume', str(run), '--tensorboard']) == 0
     with open(run / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
     board = scalars(run)
