@@ -1085,6 +1085,8 @@ def make_config(flags, resumed=None):
         config = dataclasses.replace(config, **DRY_RUN_SETS)
     if config.tensorboard:
         check_tensorboard(config.out_dir, resumed=resumed is not None and 'tensorboard' not in flags)
+    if config.tsne and importlib.util.find_spec('sklearn') is None:
+        raise UsageError('the t-SNE film needs scikit-learn: pip install scikit-learn, or run headless with --no-tsne')
     film_points = min(config.tsne_points, config.eval_size)
     if config.tsne and film_points < TSNE_MIN_POINTS:
         raise UsageError(f'--eval-size {config.eval_size} leaves the t-SNE film {film_points} points (it films the '

@@ -185,6 +185,17 @@ def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsy
     assert tm.make_config(tm.parse_flags(['--eval-size', '10', '--no-tsne'])).eval_size == 10
 
 
+def test_a_film_without_scikit_learn_is_one_line_before_any_work(tmp_path, data_dir, monkeypatch, capsys):
+    """Without it the film stopped at its first frame, and a resumed run's earlier frames crashed its outputs."""
+    real_find_spec = tm.importlib.util.find_spec
+    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'sklearn' else
+                        real_find_spec(name))
+    assert tm.main(['--dry-run', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 2
+    assert capsys.readouterr().err == ('usage error: the t-SNE film needs scikit-learn: pip install scikit-learn, or '
+                                       'run headless with --no-tsne\n')
+    assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.parametrize('address, port, said', [
     (None, '29500', 'WORLD_SIZE=2 asks for a job, but MASTER_ADDR is not set: start it with torchrun, which sets them'),
     ('127.0.0.1', 'abc', "MASTER_PORT='abc' is not a port number (1..65535)"),
