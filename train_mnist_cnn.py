@@ -1098,14 +1098,14 @@ def make_config(flags, resumed=None):
 def check_tensorboard(out_dir, resumed):
     """--tensorboard needs torch.utils.tensorboard to import (the tensorboard package, new enough) and a folder name
     that is text: TensorBoard's writer encodes it as UTF-8."""
+    or_not = ', or resume with --no-tensorboard' if resumed else ''  # (the setting came from the checkpoint)
     if importlib.util.find_spec('tensorboard') is None:
-        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard'
-                         + (', or resume with --no-tensorboard' if resumed else ''))
+        raise UsageError(f'--tensorboard needs the tensorboard package: pip install tensorboard{or_not}')
     try:
         importlib.import_module('torch.utils.tensorboard')
     except Exception as e:  # too old (torch asks for 1.15 or above), or broken
         raise UsageError(f'--tensorboard: the tensorboard package here cannot be used ({one_line(e)}): '
-                         'pip install --upgrade tensorboard') from None
+                         f'pip install --upgrade tensorboard{or_not}') from None
     if any('\udc80' <= c <= '\udcff' for c in out_dir):  # bytes that are no UTF-8, as Python holds them
         raise UsageError(f'--tensorboard: TensorBoard writes only into folders whose names are text, not {out_dir}')
 
@@ -1269,7 +1269,7 @@ def ensure_mnist(data_dir, download, log):
         log(f'data: {problem}')
     attempts, writable = [('local files', '; '.join(problems))], os.access(raw, os.W_OK)
     if not download:
-        attempts.append(('download', 'skipped (--no-download)'))
+        attempts.append(('download', 'skipped (--no-download; --download fetches it)'))
     elif not writable:
         attempts.append(('download', f'{raw} is not writable: give a writable --data-dir'))
     for what, fetch in FETCHERS if download and writable else ():

@@ -321,7 +321,7 @@ def test_no_download_uses_local_files_only(empty_data, monkeypatch, capsys):
     assert tm.main(['--no-tsne', '--no-download', '--data-dir', str(empty_data),
                     '--out-dir', str(empty_data.parent / 'run')]) == 1
     err = capsys.readouterr().err
-    assert 'download: skipped (--no-download)' in err and 'Place these four' in err
+    assert 'download: skipped (--no-download; --download fetches it)' in err and 'Place these four' in err
 
 
 @pytest.mark.parametrize('damage, reason', [

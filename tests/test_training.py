@@ -509,6 +509,15 @@ def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path)
     assert not (tmp_path / 'run').exists()
 
 
+def test_a_resume_whose_tensorboard_cannot_be_used_is_told_of_no_tensorboard(monkeypatch):
+    def too_old(name):
+        raise ImportError('TensorBoard logging requires TensorBoard version 1.15 or above')
+    monkeypatch.setattr(tm.importlib, 'import_module', too_old)
+    with pytest.raises(tm.UsageError, match=r'\(TensorBoard logging .*\): pip install --upgrade tensorboard, or '
+                                            r'resume with --no-tensorboard$'):
+        tm.check_tensorboard('run', resumed=True)
+
+
 def test_tensorboard_into_a_folder_whose_name_is_no_text_is_one_line(tmp_path, capsys):
     """A POSIX file name may hold bytes that are no UTF-8; TensorBoard's writer cannot take them."""
     run = str(tmp_path) + '/run\udcff'
