@@ -533,7 +533,7 @@ class Run:
             with open(os.path.join(self.out_dir, 'summary.json')) as f:
                 steps = json.load(f)['steps']
             with open(os.path.join(self.out_dir, 'projector_config.pbtxt')) as f:
-                return steps == self.progress.step and f'{self.progress.step:05d}/features/' in f.read()
+                return steps == self.progress.step and f'tensor_name: "features:{self.progress.step:05d}"' in f.read()
         except Exception:  # none, or one that is not this script's: the end is written
             return False
 
@@ -692,8 +692,13 @@ class TsneFilm:
         np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps),
                  predictions=np.stack(self.predictions))
         write_atomic(os.path.join(self.out_dir, 'tsne.npz'), buffer.getvalue())
-        return {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames),
-                'tsne_neighbour_agreement': neighbour_agreement(frames[-1], self.labels)}
+        figures = {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames)}
+        try:
+            figures['tsne_neighbour_agreement'] = neighbour_agreement(frames[-1], self.labels)
+        except ImportError as e:  # a scikit-learn installed but broken (built for another numpy, say)
+            self.log(f't-SNE film: summary.json has no neighbour agreement: scikit-learn fails to import '
+                     f'({one_line(e)})')
+        return figures
 
     def write_gif(self, path):
         """The GIF: each embedded frame held, GLIDE_FRAMES interpolated ones between, the last held longest;
@@ -1326,8 +1331,9 @@ def atomic_path(path, shared=False):
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk names no file: the one being written is named
-        e.filename = e.filename or path
+    except OSError as e:
+        if e.errno is not None and e.filename is None:  # a full disk names no file: the one being written is named
+            e.filename = path
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):

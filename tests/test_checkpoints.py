@@ -138,6 +138,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_
     assert not [p for p in os.listdir(run) if p.startswith('.tmp')]
 
 
+def test_an_error_with_no_number_written_under_a_temporary_name_keeps_its_words(tmp_path):
+    """Pillow's encoder raises OSError('encoder error -2 when writing image file'), with no errno: naming the file
+    there gave '[Errno None] None: ...'."""
+    with pytest.raises(OSError, match=r'^encoder error -2 when writing image file$'):
+        with tm.atomic_path(str(tmp_path / 'tsne.gif')):
+            raise OSError('encoder error -2 when writing image file')
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     real_step = tm.train_step
     steps = []

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -430,6 +431,17 @@ def test_tensorboard_holds_the_metrics_rows_and_the_projectors_features(tmp_path
     assert labels == test_labels and list(embedding.sprite.single_image_dim) == [28, 28]
     with Image.open(run / embedding.sprite.image_path) as sprite:
         assert sprite.size == (8 * 28, 8 * 28)  # 60 digits in rows of 8
+
+
+def test_tensorboards_end_is_found_whatever_separator_the_projector_wrote(tmp_path):
+    """On Windows the projector's paths read 00012/features\\tensors.tsv; its tensor's name is the same everywhere."""
+    (tmp_path / 'summary.json').write_text('{"steps": 12}')
+    (tmp_path / 'projector_config.pbtxt').write_text(
+        'embeddings {\n  tensor_name: "features:00012"\n  tensor_path: "00012/features\\\\tensors.tsv"\n}\n')
+    run = types.SimpleNamespace(out_dir=str(tmp_path), progress=tm.Progress(step=12))
+    assert tm.Run.board_holds_the_end(run)
+    run.progress.step = 24  # (a later step: its end is not written yet)
+    assert not tm.Run.board_holds_the_end(run)
 
 
 def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):

@@ -118,7 +118,7 @@ def test_film_runs_without_a_display(tmp_path, data_dir, fixture_checksums):
     assert len(durations) == 2 + tm.GLIDE_FRAMES
 
 
-def test_film_survives_a_resume(tmp_path, data_dir):
+def test_film_survives_a_resume(tmp_path, data_dir, monkeypatch, capsys):
     run = tmp_path / 'run'
     assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
     assert tm.main(['--resume', str(run), '--epochs', '2']) == 0
@@ -126,6 +126,12 @@ def test_film_survives_a_resume(tmp_path, data_dir):
     assert film['steps'].tolist() == [4, 8, 12, 16, 20, 24] and film['predictions'].shape == (6, 150)
     durations, _ = gif_durations(run / 'tsne.gif')
     assert len(durations) == 6 + 5 * tm.GLIDE_FRAMES
+    monkeypatch.setitem(sys.modules, 'sklearn.neighbors', None)  # a scikit-learn that fails to import (its numpy, say)
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run)]) == 0  # its outputs written again: the film's figures without it
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['tsne_frames'] == 6 and 'tsne_neighbour_agreement' not in summary
+    assert 'summary.json has no neighbour agreement: scikit-learn fails to import' in capsys.readouterr().out
 
 
 def test_a_film_resumed_with_other_tsne_points_says_it_starts_afresh(tmp_path, data_dir, capsys):
