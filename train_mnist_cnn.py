@@ -156,8 +156,8 @@ class Config:
     eval_size: int = option(2000, 'test images scored at each log step, as the tutorial does',
                             whole_number(1, 10_000))
     threads: int = option(0, 'CPU threads', whole_number(1, 1024), shown="torch's choice")
-    tsne: bool = option(True, 'the t-SNE film; --no-tsne runs headless without scikit-learn', action=SWITCH,
-                        shown='on')
+    tsne: bool = option(True, 'the t-SNE film, in a window and in tsne.gif; --no-tsne skips it and scikit-learn',
+                        action=SWITCH, shown='on')
     tsne_points: int = option(500, 'test images in the t-SNE film', whole_number(TSNE_MIN_POINTS, 10_000))
     download: bool = option(True, 'fetch MNIST if it is missing; --no-download uses local files only',
                             action=SWITCH, shown='on')

@@ -96,8 +96,8 @@ def test_signal_saves_says_how_to_resume_and_resumes(uninterrupted, tmp_path, fi
     assert_same_run(run, reference)
 
 
-def test_resume_can_raise_epochs_appends_metrics_and_turns_each_switch_either_way(tmp_path, data_dir, monkeypatch,
-                                                                                  capsys):
+def test_resume_can_raise_epochs_appends_metrics_and_turns_switches_the_other_way(tmp_path, data_dir, monkeypatch,
+                                                                                   capsys):
     """A switch given once held for good: a run started headless and offline could never show its film, nor fetch
     MNIST on a machine without it, and one with --tensorboard could not resume where tensorboard is missing."""
     run = tmp_path / 'run'
