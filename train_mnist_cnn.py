@@ -1884,8 +1884,6 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         raise UsageError(f'--batch-size {config.batch_size} is smaller than the {world.size} processes; '
                          'it counts images per step over all of them')
     log = make_logger(world)
-    log(f'device: {device}' + (f' ({world.size} processes)' if world.size > 1 else '')
-        + (', bf16 autocast' if config.precision == 'bf16' else ''))
     if config.threads:
         torch.set_num_threads(config.threads)
     keep_freed_memory()
@@ -1899,6 +1897,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
                 and load_checkpoint(own)['step'] != checkpoint['step']):
             raise RunError(f'--resume {config.resume}: {own} was written by another run while this one started; '
                            'resume again')
+        log(f'device: {device}' + (f' ({world.size} processes)' if world.size > 1 else '')  # (the refusals come first)
+            + (', bf16 autocast' if config.precision == 'bf16' else ''))
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
         if world.is_main and config.tsne:
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training

@@ -31,6 +31,7 @@ def one_line_error(capsys):
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
+    assert captured.out == '', captured.out  # one line in all: nothing printed before it
     assert 'Traceback' not in captured.err + captured.out
     return lines[0]
 
