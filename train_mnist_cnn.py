@@ -1390,8 +1390,9 @@ def lock_file(path):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = ''
-            for _ in range(50 if os.name != 'nt' else 0):  # the holder writes its pid just after it takes the lock
-                holder = os.pread(fd, 32, 0).decode(errors='replace').strip()
+            for _ in range(50):  # the holder writes its pid just after it takes the lock
+                os.lseek(fd, 0, os.SEEK_SET)  # (not os.pread, which Windows lacks)
+                holder = os.read(fd, 32).decode(errors='replace').strip()
                 if holder:
                     break
                 time.sleep(0.01)
@@ -1404,6 +1405,7 @@ def lock_file(path):
         os.close(fd)  # the holder removed the file as it ended, after this open: take the new one
     try:
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)  # (Windows' lock left it at byte 64)
         os.write(fd, f'{os.getpid()}\n'.encode())
     except OSError:  # a full disk: no lock is left behind
         with contextlib.suppress(OSError):
