@@ -25,15 +25,14 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 import warnings
 import zipfile
 
 
 def stop_while_starting(signum, frame):  # as the trainer's, which cannot be imported before torch
-    print('interrupted while starting; nothing was written', file=sys.stderr)
-    raise SystemExit(128 + signum)
+    os.write(2, b'interrupted while starting; nothing was written\n')
+    os._exit(128 + signum)
 
 
 if __name__ == '__main__':  # a signal while torch is imported (the first seconds): one line, not a traceback

@@ -60,8 +60,10 @@ PROCESS_STARTED = time.perf_counter()  # before torch's import, which is most of
 
 
 def stop_while_starting(signum, frame):
-    print('interrupted while starting; nothing was written', file=sys.stderr)
-    raise SystemExit(128 + signum)
+    """Ends the process here: a SystemExit raised in the middle of torch's import could cross its C++ code, which
+    aborts on it, and would leave a second signal to Python's shutdown."""
+    os.write(2, b'interrupted while starting; nothing was written\n')
+    os._exit(128 + signum)
 
 
 def stop_signals():

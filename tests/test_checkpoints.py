@@ -515,6 +515,17 @@ def test_a_signal_while_torch_is_imported_is_one_line(tmp_path, script, signum, 
         assert stderr == "interrupted while starting; nothing was written\n" and stdout == ""
 
 
+@pytest.mark.parametrize('script', [SCRIPT, PREDICT_SCRIPT])
+def test_the_start_up_signal_handler_ends_the_process_itself(script):
+    """It raised SystemExit, which a signal during torch's import carried through torch's C++ code (an abort, exit
+    -6), or which left a second signal to Python's shutdown (killed by it, or the line again with a traceback)."""
+    source = open(script).read()
+    header = source[:source.index('\nimport numpy as np')]  # the script up to torch's import: its handler
+    code = header + "\ntry:\n    stop_while_starting(15, None)\nexcept BaseException:\n    print('raised')\n"
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (143, '', 'interrupted while starting; nothing was written\n')
+
+
 def test_ctrl_c_again_after_the_checkpoint_is_saved_stays_quiet(uninterrupted, tmp_path, fixture_checksums):
     data, _ = uninterrupted
     run = tmp_path / 'run'
