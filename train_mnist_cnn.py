@@ -1091,7 +1091,7 @@ def make_config(flags, resumed=None):
                                  'two steps, a line and a frame each step, a film of 100 points)')
         config = dataclasses.replace(config, **DRY_RUN_SETS)
     if config.tensorboard:
-        check_tensorboard(config.out_dir, resumed=resumed is not None and 'tensorboard' not in flags)
+        check_tensorboard(config.out_dir, from_checkpoint=resumed is not None and 'tensorboard' not in flags)
     if config.tsne and importlib.util.find_spec('sklearn') is None:
         raise UsageError('the t-SNE film needs scikit-learn: pip install scikit-learn, or run headless with --no-tsne')
     film_points = min(config.tsne_points, config.eval_size)
@@ -1102,10 +1102,10 @@ def make_config(flags, resumed=None):
     return config
 
 
-def check_tensorboard(out_dir, resumed):
+def check_tensorboard(out_dir, from_checkpoint):
     """--tensorboard needs torch.utils.tensorboard to import (the tensorboard package, new enough) and a folder name
     that is text: TensorBoard's writer encodes it as UTF-8."""
-    or_not = ', or resume with --no-tensorboard' if resumed else ''  # (the setting came from the checkpoint)
+    or_not = ', or resume with --no-tensorboard' if from_checkpoint else ''
     if importlib.util.find_spec('tensorboard') is None:
         raise UsageError(f'--tensorboard needs the tensorboard package: pip install tensorboard{or_not}')
     try:
