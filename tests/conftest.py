@@ -126,6 +126,13 @@ def run_script(args, checksums, timeout=300, script=SCRIPT, **popen):
 FAST = ['--no-tsne', '--device', 'cpu', '--log-interval', '4', '--eval-size', '200']
 
 
+def without_package(monkeypatch, package):
+    """From here on, as on a machine where `package` is not installed: the script's find_spec finds nothing."""
+    real_find_spec = tm.importlib.util.find_spec
+    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == package else
+                        real_find_spec(name))
+
+
 def photo_like(digit, paper=200, ink=40, scale=3, offset=(17, 9), size=(130, 110)):
     """A 28x28 MNIST digit as a photo or scan of it would be: dark ink on light grey paper, RGB, larger and off
     centre on a bigger sheet."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import FAST, PREDICT_SCRIPT, ROOT, SCRIPT, run_script
+from conftest import FAST, PREDICT_SCRIPT, ROOT, SCRIPT, run_script, without_package
 
 LONG = ['--no-tsne', '--device', 'cpu', '--epochs', '3', '--batch-size', '10', '--log-interval', '20',
         '--eval-size', '200']  # 60 steps an epoch, 180 in all
@@ -102,9 +102,7 @@ def test_resume_can_raise_epochs_appends_metrics_and_turns_switches_the_other_wa
     MNIST on a machine without it, and one with --tensorboard could not resume where tensorboard is missing."""
     run = tmp_path / 'run'
     assert tm.main([*FAST, '--no-download', '--tensorboard', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
-    real_find_spec = tm.importlib.util.find_spec  # from here on, a machine without tensorboard
-    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'tensorboard' else
-                        real_find_spec(name))
+    without_package(monkeypatch, 'tensorboard')  # from here on, a machine without tensorboard
     capsys.readouterr()
     assert tm.main(['--resume', str(run), '--epochs', '2']) == 2
     assert capsys.readouterr().err.endswith('pip install tensorboard, or resume with --no-tensorboard\n')

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_mnist_cnn as tm
-from conftest import ROOT, SCRIPT, inline_metadata
+from conftest import ROOT, SCRIPT, inline_metadata, without_package
 
 BAD_FLAGS = [
     ['--epochs', '0'], ['--epochs', '-1'], ['--epochs', 'two'], ['--epochs', '1.5'], ['--epochs', '99999999'],
@@ -188,9 +188,7 @@ def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsy
 
 def test_a_film_without_scikit_learn_is_one_line_before_any_work(tmp_path, data_dir, monkeypatch, capsys):
     """Without it the film stopped at its first frame, and a resumed run's earlier frames crashed its outputs."""
-    real_find_spec = tm.importlib.util.find_spec
-    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'sklearn' else
-                        real_find_spec(name))
+    without_package(monkeypatch, 'sklearn')
     assert tm.main(['--dry-run', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 2
     assert capsys.readouterr().err == ('usage error: the t-SNE film needs scikit-learn: pip install scikit-learn, or '
                                        'run headless with --no-tsne\n')

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import train_mnist_cnn as tm
-from conftest import FAST, ROOT, SCRIPT, run_script
+from conftest import FAST, ROOT, SCRIPT, run_script, without_package
 
 
 @pytest.fixture
@@ -445,9 +445,7 @@ def test_tensorboards_end_is_found_whatever_separator_the_projector_wrote(tmp_pa
 
 
 def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):
-    real_find_spec = tm.importlib.util.find_spec
-    monkeypatch.setattr(tm.importlib.util, 'find_spec', lambda name: None if name == 'tensorboard' else
-                        real_find_spec(name))
+    without_package(monkeypatch, 'tensorboard')
     assert tm.main(['--tensorboard', '--out-dir', str(tmp_path / 'run')]) == 2
     assert capsys.readouterr().err == ('usage error: --tensorboard needs the tensorboard package: '
                                        'pip install tensorboard\n')
@@ -527,7 +525,7 @@ def test_a_resume_whose_tensorboard_cannot_be_used_is_told_of_no_tensorboard(mon
     monkeypatch.setattr(tm.importlib, 'import_module', too_old)
     with pytest.raises(tm.UsageError, match=r'\(TensorBoard logging .*\): pip install --upgrade tensorboard, or '
                                             r'resume with --no-tensorboard$'):
-        tm.check_tensorboard('run', resumed=True)
+        tm.check_tensorboard('run', from_checkpoint=True)
 
 
 def test_tensorboard_into_a_folder_whose_name_is_no_text_is_one_line(tmp_path, capsys):
