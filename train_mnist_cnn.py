@@ -238,7 +238,7 @@ def train_step(model, optimizer, images, labels, batch_size, world_size, precisi
     with autocast(images.device, precision):
         logits, _ = model(to_unit_range(images))
     loss_sum = F.cross_entropy(logits.float(), labels, reduction='sum')
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     # sum / global batch size, times the processes that DDP averages over: the global mean's gradient
     (loss_sum * (world_size / batch_size)).backward()
     optimizer.step()
@@ -503,8 +503,7 @@ class Run:
     def write_outputs(self, test, wall_started):
         """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
-        epoch_images = min(self.steps_per_epoch * config.batch_size, len(self.train_images))
-        images = progress.epoch * epoch_images + min(progress.step_in_epoch * config.batch_size, epoch_images)
+        images = progress.epoch * min(self.steps_per_epoch * config.batch_size, len(self.train_images))  # whole epochs
         self.log(f'{test.predictions[:10].tolist()} prediction number')
         self.log(f'{self.test_labels[:10].tolist()} real number')
         confusion = torch.bincount(self.test_labels * 10 + test.predictions, minlength=100).reshape(10, 10)
@@ -690,10 +689,9 @@ class TsneFilm:
             return {}
         self.write_gif(os.path.join(self.out_dir, 'tsne.gif'))
         frames = np.stack(self.embeddings)
-        buffer = io.BytesIO()
-        np.savez(buffer, embeddings=frames, labels=self.labels, steps=np.array(self.steps),
-                 predictions=np.stack(self.predictions))
-        write_atomic(os.path.join(self.out_dir, 'tsne.npz'), buffer.getvalue())
+        with atomic_path(os.path.join(self.out_dir, 'tsne.npz')) as tmp:
+            np.savez(tmp, embeddings=frames, labels=self.labels, steps=np.array(self.steps),
+                     predictions=np.stack(self.predictions))
         figures = {'tsne_frames': len(frames), 'tsne_jump': frame_jump(frames)}
         try:
             figures['tsne_neighbour_agreement'] = neighbour_agreement(frames[-1], self.labels)
@@ -769,7 +767,7 @@ class FilmFigure:
         self.background = None
         self.draw_hook = fig.canvas.mpl_connect('draw_event', self.keep_background)
 
-    def keep_background(self, event=None):
+    def keep_background(self, event):
         """After every full draw (the first, a resized window): the background to blit over."""
         self.background = self.fig.canvas.copy_from_bbox(self.fig.bbox)
         for artist in self.moving:
@@ -1218,8 +1216,7 @@ def fetch_official(work):
 
 def idx_bytes(array):
     """An unsigned-byte array in the IDX format."""
-    header = struct.pack(f'>I{array.ndim}I', 0x800 | array.ndim, *array.shape)
-    return header + array.tobytes()
+    return struct.pack(f'>I{array.ndim}I', 0x800 | array.ndim, *array.shape) + array.tobytes()
 
 
 def mnist_from_pickle(payload):
@@ -1351,11 +1348,10 @@ METRICS_COLUMNS = ['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seco
 
 
 def write_metrics(out_dir, metrics):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS_COLUMNS, lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(metrics)
-    write_atomic(os.path.join(out_dir, 'metrics.csv'), text.getvalue().encode())
+    with atomic_path(os.path.join(out_dir, 'metrics.csv')) as tmp, open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(metrics)
 
 
 # -----------------------------------------------------------------------------
@@ -1476,7 +1472,7 @@ class Adam:
                       for p in self.params]
         self.foreach = self.params[0].device.type != 'cpu'  # on a GPU, a few kernels for all parameters, not 42
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self):
         for p in self.params:
             p.grad = None
 
@@ -1589,8 +1585,8 @@ def check_adam_state(state_dict, lr, steps):
         raise BadField(f'optimizer: expected one parameter group of the {len(params)} parameters')
     for name, value in {'lr': lr, **ADAM_SETTINGS}.items():
         saved = group[0].get(name, value)
-        if not isinstance(saved, (int, float, bool, tuple, list)) or (tuple(saved) if isinstance(saved, list)
-                                                                      else saved) != value:
+        if not isinstance(saved, (int, float, tuple, list)) or (tuple(saved) if isinstance(saved, list)
+                                                                else saved) != value:
             raise BadField(f'optimizer: {name} is {saved!r}, where this run has {value!r}')
     if state and sorted(state) != list(range(len(params))):
         raise BadField(f'optimizer: expected state for each of the {len(params)} parameters, or none')
@@ -1635,8 +1631,7 @@ def load_checkpoint(path, flag='--resume', model_only=False):
     if not os.path.isfile(file):
         raise RunError(f'{flag} {path}: no checkpoint at {file}')
     try:
-        with warnings.catch_warnings():  # a crafted file is answered in one line below, not torch's warnings
-            warnings.simplefilter('ignore')
+        with warnings.catch_warnings(action='ignore'):  # a crafted file: one line below, not torch's warnings
             checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
@@ -1647,8 +1642,7 @@ def load_checkpoint(path, flag='--resume', model_only=False):
     elif not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise RunError(f'{flag} {path}: {file} is not a checkpoint of this script')
     try:
-        with warnings.catch_warnings():  # (complex weights: refused below in one line, not with torch's warning)
-            warnings.simplefilter('ignore')
+        with warnings.catch_warnings(action='ignore'):  # (complex weights: refused below in one line, not warned)
             cnn.load_state_dict(checkpoint['model'])  # strict: every layer of this CNN, of its shape, no other
     except (RuntimeError, TypeError, AttributeError):
         raise RunError(f'{flag} {path}: {file} holds a different model (its layers do not match this CNN)') from None
@@ -1726,12 +1720,10 @@ def keep_freed_memory():
     have no such knob and keep their own ways."""
     if not sys.platform.startswith('linux'):
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # a C library without mallopt
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD at glibc's maximum: blocks below 32 MiB come from the heap
         libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: up to 1 GiB freed at the heap's top stays for reuse
-    except (OSError, AttributeError):  # a C library without mallopt
-        pass
 
 
 def check_precision(precision, device):
