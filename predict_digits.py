@@ -97,14 +97,13 @@ def on_white(image):
 
 @contextlib.contextmanager
 def opened_image(path):
-    """Pillow's image at `path`, decoded, or ValueError saying why; a photo below Pillow's bomb limit is welcome."""
+    """Pillow's image at `path`, decoded, or ValueError saying why."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                yield image
+        with Image.open(path) as image:
+            image.draft(None, (1024, 1024))  # a JPEG decoded at 1/2 to 1/8 of its size where that leaves 1024 pixels:
+            image.load()                     # a 48 MP photo in an eighth of the time and memory
+            yield image
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
     except Image.DecompressionBombError as e:
@@ -114,14 +113,15 @@ def opened_image(path):
 
 
 def images_to_read(paths, skip=()):
-    """Files as given; folders' images (Pillow's extensions, no hidden files), subfolders too, in name order,
-    less `skip`; a folder without any as itself."""
+    """Files as given; folders' images (Pillow's extensions, no hidden files), subfolders too but not runs' folders,
+    in name order, less `skip`; a folder without any as itself."""
     from PIL import Image
     extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
     for path in paths:
         found = 0
         for folder, subfolders, names in os.walk(path):  # (nothing for what is no folder)
-            subfolders[:] = sorted(name for name in subfolders if not name.startswith('.'))
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and not any(  # a run's
+                os.path.exists(os.path.join(folder, name, file)) for file in (*tm.RUN_FILES, 'predictions.csv')))
             for name in sorted(names):
                 file = os.path.join(folder, name)
                 if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
@@ -140,13 +140,12 @@ def read_entry(path):
     try:
         with opened_image(path) as image:
             return path, mnist_like(image)
-    except ValueError as e:
-        return path, str(e)
+    except (ValueError, MemoryError) as e:
+        return path, str(e) or 'too large for the memory left'
 
 
 def predict_all(model, device, entries, rows, log):
-    """Reads and predicts the images a batch at a time, a line and a CSV row each; returns the counts and the
-    least confident few."""
+    """Predicts the images a batch at a time, a line and a CSV row each; returns the counts and the least confident."""
     counts, shown = {'read': 0, 'failed': 0}, []
     rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
     readers = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # Pillow decodes and resizes off the GIL
@@ -173,7 +172,7 @@ def predict_all(model, device, entries, rows, log):
                 counts['read'] += 1
             shown = sorted(shown, key=lambda entry: entry[:2])[:PICTURE_MOST]  # the least confident
     finally:
-        readers.shutdown(wait=False, cancel_futures=True)  # after Ctrl-C the queued reads are dropped
+        readers.shutdown(cancel_futures=True)  # the reads begun are waited for here, where a second Ctrl-C exits
     return counts, shown
 
 
@@ -217,8 +216,7 @@ def draw_predictions(shown, total, film):
     t-SNE frame, each image placed at the mean position of its nearest test images in the 1568-d feature space."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    cols = min(4, len(shown))
-    rows = math.ceil(len(shown) / cols)
+    cols, rows = min(4, len(shown)), math.ceil(len(shown) / 4)
     fig = Figure(figsize=(3.2 * cols + (6.4 if film else 0), 1.9 * rows + 0.8), layout='constrained')
     cells, panel = (fig.subfigures(1, 2, width_ratios=[3.2 * cols, 6.4]) if film else (fig, None))
     axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()
@@ -320,6 +318,8 @@ def predict(args, status, log):
         with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
             counts, shown = predict_all(model, device, entries, csv.writer(table), log)
         status.stage = Stage.DRAWING
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(picture)  # an earlier table's, in a folder used again
         read, seconds = counts['read'], time.perf_counter() - started
         log(f'done: {read} image{"s" * (read != 1)} predicted in {seconds:.1f} s ({read / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
@@ -335,7 +335,8 @@ def predict(args, status, log):
 def main(argv=None):
     """The script as a function: arguments in, an exit code out; every error a user can cause is one line."""
     status = tm.Status(stage=Stage.PREDICTING)
-    with tm.signals_handled(status):
+    with tm.signals_handled(status), warnings.catch_warnings():  # (which the readers' threads share)
+        warnings.filterwarnings('ignore', module='PIL')  # a damaged EXIF, a large photo: it is read all the same
         try:
             args = build_parser().parse_args(argv)
             return predict(args, status, tm.make_logger(tm.World()))

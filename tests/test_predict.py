@@ -7,6 +7,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import warnings
 import zlib
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import predict_digits as pd
 import train_mnist_cnn as tm
-from conftest import (PREDICT_SCRIPT, drawn_on_a_transparent_canvas, inline_metadata, photo_like, run_script,
+from conftest import (PREDICT_SCRIPT, ROOT, drawn_on_a_transparent_canvas, inline_metadata, photo_like, run_script,
                       write_idx)
 
 TRAIN = ['--device', 'cpu', '--epochs', '3', '--batch-size', '20', '--log-interval', '10', '--eval-size', '200',
@@ -506,3 +507,83 @@ def test_a_closed_stdout_costs_nothing(glyphs, tmp_path, fixture_checksums):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0 and err == b''
     assert len(read_csv(tmp_path / 'out' / 'predictions.csv')) == 1
+
+
+def test_earlier_runs_folders_among_the_inputs_are_not_read(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    shutil.copytree(glyphs['run'], folder / 'trained')  # a trainer's run folder: curves.png and the rest
+    monkeypatch.chdir(folder)
+    for _ in range(2):  # the first run's runs/<stamp>/predictions.png is not read by the second
+        code, _, err = predict(['.', '--model', 'trained'], capsys)
+        assert code == 0 and err == ''
+    newest = max(folder.glob('runs/*/predictions.csv'), key=os.path.getmtime)
+    assert [r['file'] for r in read_csv(newest)] == ['./one.png']
+
+
+def test_an_output_folder_used_again_keeps_no_picture_of_the_earlier_table(glyphs, glyph_md5, tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--out-dir', out], capsys)[0] == 0
+    assert (out / 'predictions.png').exists()
+    Image.new('L', (60, 60), 230).save(tmp_path / 'blank.png')
+    assert predict([tmp_path / 'blank.png', '--model', glyphs['run'], '--out-dir', out], capsys)[0] == 1
+    assert read_csv(out / 'predictions.csv') == [] and not (out / 'predictions.png').exists()
+
+
+def test_a_photo_with_damaged_exif_is_read_without_pillows_warnings(glyphs, glyph_md5, tmp_path, capsys):
+    photo = photo_like(glyphs['test_images'][0])
+    exif = photo.getexif()
+    exif[0x0112] = 1  # an orientation, whose entry then claims more data than the file holds
+    photo.save(tmp_path / 'phone.jpg', exif=exif)
+    data = bytearray((tmp_path / 'phone.jpg').read_bytes())
+    entry = data.index(b'\x01\x12\x00\x03')
+    data[entry + 4:entry + 8] = b'\x00\x00\x7f\xff'
+    (tmp_path / 'phone.jpg').write_bytes(data)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        code, out, err = predict([tmp_path / 'phone.jpg', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'],
+                                 capsys)
+    assert code == 0 and err == '' and [str(w.message) for w in seen] == []
+
+
+def test_an_image_too_large_for_the_memory_left_is_a_line(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    real = pd.mnist_like
+
+    def short_of_memory(image):
+        if image.size == (60, 60):
+            raise MemoryError
+        return real(image)
+    monkeypatch.setattr(pd, 'mnist_like', short_of_memory)
+    one_photo(glyphs, tmp_path / 'in')
+    Image.new('L', (60, 60), 230).save(tmp_path / 'in' / 'huge.png')
+    code, out, err = predict([tmp_path / 'in', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 1 and err == f'{tmp_path}/in/huge.png: too large for the memory left\n'
+    assert 'done: 1 image predicted' in out
+
+
+def test_a_second_stop_signal_ends_at_once_while_an_image_is_read(glyphs, tmp_path):
+    one_photo(glyphs, tmp_path / 'in')
+    slow_read = ('import os, signal, time, predict_digits as pd, train_mnist_cnn as tm\n'
+                 'def read(path):  # a large image: a first signal comes while it is read, a second soon after\n'
+                 '    for signum in (signal.SIGINT, signal.SIGTERM):\n'
+                 '        time.sleep(0.5)\n'
+                 '        os.kill(os.getpid(), signum)\n'
+                 '    time.sleep(60)\n'
+                 'pd.read_entry = read\n'
+                 f'tm.exit_with(pd.main([{str(tmp_path / "in")!r}, "--model", {str(glyphs["run"])!r}]))\n')
+    out = subprocess.run([sys.executable, '-c', slow_read], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                         env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
+    assert out.returncode == 143 and 'Traceback' not in out.stderr
+
+
+def test_a_large_jpeg_is_decoded_at_a_fraction_of_its_size(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    photo_like(glyphs['test_images'][0], scale=60, offset=(300, 200), size=(2400, 2100)).save(tmp_path / 'big.jpg')
+    sizes, real = [], pd.mnist_like
+
+    def prepared(image):
+        sizes.append(image.size)
+        return real(image)
+    monkeypatch.setattr(pd, 'mnist_like', prepared)
+    code, out, _ = predict([tmp_path / 'big.jpg', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and sizes == [(1200, 1050)]  # half of 2400x2100: the smallest scale that keeps 1024 pixels
+    assert f'big.jpg: {glyphs["predicted"][0]} (' in out
