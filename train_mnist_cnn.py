@@ -1842,6 +1842,7 @@ class Status:
     stage: enum.Enum = Stage.STARTING
     out_dir: str = ''
     signals: list = dataclasses.field(default_factory=list)  # stop signals collected while training
+    stopped_at: float = -math.inf  # when a stop signal was answered (time.monotonic)
 
 
 @contextlib.contextmanager
@@ -1854,9 +1855,10 @@ def signals_handled(status):
         if status.stage in (Stage.TRAINING, Stage.SHOWING):
             status.signals.append(signum)
         elif status.stage is Stage.STOPPING:
-            os._exit(128 + signum)
+            if time.monotonic() - status.stopped_at > 0.1:  # (timeout(1) sends its signal twice, microseconds apart)
+                os._exit(128 + signum)
         else:
-            stage, status.stage = status.stage, Stage.STOPPING
+            stage, status.stage, status.stopped_at = status.stage, Stage.STOPPING, time.monotonic()
             raise Stopped(signum, stage)
 
     previous = {s: signal.signal(s, handle) for s in stop_signals()}

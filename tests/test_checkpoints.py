@@ -265,6 +265,25 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path, data_dir, mon
     assert captured.err.strip() == 'interrupted before training started; nothing was written'
 
 
+
+def test_a_stop_signal_sent_twice_at_once_as_timeout_sends_it_still_ends_in_its_line(tmp_path, data_dir):
+    """timeout(1) sends its signal to the process, then to its process group: the same signal twice, microseconds
+    apart. The repeat is not a second press: the line is said and the new folder removed."""
+    code = ('import os, signal, sys, train_mnist_cnn as tm\n'
+            'def stop(*args):\n'
+            '    os.kill(os.getpid(), signal.SIGTERM)\n'
+            'def exit_code(*args, real=tm.exit_code):\n'
+            '    stop()  # the repeat, while the first is still being answered\n'
+            '    return real(*args)\n'
+            'tm.ensure_mnist, tm.exit_code = stop, exit_code\n'
+            'tm.exit_with(tm.main(sys.argv[1:]))\n')
+    done = subprocess.run([sys.executable, '-c', code, *FAST, '--data-dir', str(data_dir), '--out-dir',
+                           str(tmp_path / 'run')], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'})
+    assert (done.returncode, done.stderr) == (143, 'interrupted before training started; nothing was written\n')
+    assert not (tmp_path / 'run').exists()
+
+
 # A run folder belongs to one run
 
 def test_two_runs_started_together_in_one_folder_one_is_refused_with_the_others_pid(tmp_path, data_dir,
