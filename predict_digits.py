@@ -135,8 +135,9 @@ def images_to_read(paths, skip=()):
 def read_entry(path):
     """(path, the 28x28 seen) for an image read, (path, why) for one that cannot be."""
     if not os.path.isfile(path):
-        return path, 'a folder with no images in it' if os.path.isdir(path) else 'not a file (a pipe, a device?)' \
-            if os.path.exists(path) else 'a link to nothing' if os.path.islink(path) else 'no such file'
+        why = ('a folder with no image Pillow opens' if os.path.isdir(path) else 'not a file (a pipe, a device?)'
+               if os.path.exists(path) else 'a link to nothing' if os.path.islink(path) else 'no such file')
+        return path, why
     try:
         with opened_image(path) as image:
             return path, mnist_like(image)
@@ -296,11 +297,10 @@ def predict(args, status, log):
     device = tm.resolve_device(args.device, tm.World())
     if args.threads:
         torch.set_num_threads(args.threads)
-    found = sorted(glob.glob(os.path.join('runs', '*', 'model.pt')), key=os.path.getmtime)  # the newest last
-    if not (args.model or found):
+    model_file = args.model or max(glob.glob(os.path.join('runs', '*', 'model.pt')), key=os.path.getmtime, default='')
+    if not model_file:
         raise tm.RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
                           'or name one with --model')
-    model_file = args.model or found[-1]
     model_file = os.path.join(model_file, 'model.pt') if os.path.isdir(model_file) else model_file
     model = tm.to_device(CNN(), device).eval()
     model.load_state_dict(tm.load_checkpoint(model_file, '--model', model_only=True)['model'])

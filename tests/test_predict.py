@@ -174,7 +174,8 @@ def test_bad_inputs_are_a_line_each_and_never_stop_the_others(glyphs, glyph_md5,
     assert lines[1] == f'{folder}/c-not-an-image.png: not an image Pillow can open'
     assert lines[2].startswith(f'{folder}/d-bomb.png: refused as a decompression bomb (Image size (1600000000 pixels)')
     assert lines[3].startswith(f'{folder}/e-truncated.png: cannot be read (')
-    assert lines[4:] == [f'{tmp_path}/missing.png: no such file', f'{tmp_path}/empty: a folder with no images in it']
+    assert lines[4:] == [f'{tmp_path}/missing.png: no such file',
+                         f'{tmp_path}/empty: a folder with no image Pillow opens']
     assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == \
         ['a-good.png', 'f-good.png']
     assert 'done: 2 images predicted' in out and '6 could not be read' in out
