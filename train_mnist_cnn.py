@@ -375,6 +375,8 @@ class Run:
             made = "step's line, metrics row or t-SNE frame" if config.tsne else "step's line or metrics row"
             log(f'note: --log-interval {config.log_interval} leaves no log step in the run\'s '
                 f'{self.total_steps - self.progress.step} steps to go: no {made} will be made')
+        if config.tsne and self.progress.step == self.total_steps and not (checkpoint or {}).get('tsne'):
+            log('note: the run has no step left to film; raise --epochs to film the steps added')
         # the steps go through DDP under torchrun, which averages the gradients; everything else uses the model
         self.trained_model = self.model
         if world.size > 1:
@@ -1915,7 +1917,7 @@ def train_and_report(config, world, checkpoint, status, wall_started):
             if world.size > 1:  # the processes end together: one that left the group early aborted in Gloo's exit
                 dist.barrier()
             status.stage = Stage.DONE
-            if run.film is not None and run.film.live and someone_at_the_terminal():  # not CI, pipes or nohup
+            if run.film is not None and run.film.live and run.film.embeddings and someone_at_the_terminal():
                 log('the t-SNE window stays open on the last frame: close it to exit')
                 show_until_closed(status)
     return 0

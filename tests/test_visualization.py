@@ -203,6 +203,24 @@ def test_the_last_frame_stays_up_in_an_interactive_run_only(tmp_path, data_dir, 
     assert ('the t-SNE window stays open on the last frame: close it to exit' in capsys.readouterr().out) == interactive
 
 
+
+def test_a_finished_headless_run_resumed_with_the_film_says_no_step_is_left_to_film(tmp_path, data_dir, monkeypatch,
+                                                                                    capsys):
+    run, kept_open, real_init = tmp_path / 'run', [], tm.TsneFilm.__init__
+    assert tm.main([*TSNE_RUN, '--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+
+    def init_as_if_a_window_were_shown(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.live = True
+    monkeypatch.setattr(tm.TsneFilm, '__init__', init_as_if_a_window_were_shown)
+    monkeypatch.setattr(tm, 'show_until_closed', lambda status: kept_open.append(status))
+    monkeypatch.setattr(sys, 'stdin', type('Terminal', (), {'isatty': lambda self: True})())
+    capsys.readouterr()
+    assert tm.main(['--resume', str(run), '--tsne']) == 0
+    assert kept_open == []  # no empty window held open
+    assert 'note: the run has no step left to film; raise --epochs to film the steps added\n' in capsys.readouterr().out
+
+
 def test_a_stop_signal_while_a_window_is_up_closes_it_and_all_ends_as_done(tmp_path, monkeypatch):
     """Tk's loop runs no Python until an event calls some: Ctrl-C was ignored until the mouse crossed the window."""
     import matplotlib.pyplot as plt
