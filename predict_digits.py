@@ -112,9 +112,9 @@ def opened_image(path):
         raise ValueError(f'cannot be read ({e})') from None
 
 
-def images_to_read(paths, skip=()):
+def images_to_read(paths):
     """Files as given; folders' images (Pillow's extensions, no hidden files), subfolders too but not runs' folders,
-    in name order, less `skip`; a folder without any as itself."""
+    in name order; a folder without any as itself."""
     from PIL import Image
     extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
     for path in paths:
@@ -125,7 +125,7 @@ def images_to_read(paths, skip=()):
             for name in sorted(names):
                 file = os.path.join(folder, name)
                 if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
-                        and (os.path.isfile(file) or os.path.islink(file)) and os.path.realpath(file) not in skip:
+                        and (os.path.isfile(file) or os.path.islink(file)):
                     found += 1
                     yield file
         if not found:
@@ -310,16 +310,14 @@ def predict(args, status, log):
         with open(os.path.join(run_dir, 'summary.json')) as f:
             trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
     log(f'model: {model_file} ({trained})')
-    with tm.claimed_folder(args.out_dir, may_hold_a_run=True) as out_dir:
+    with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as out_dir:
         status.out_dir = out_dir
         picture = os.path.join(out_dir, 'predictions.png')
         started = time.perf_counter()
-        entries = images_to_read(args.images, skip={os.path.realpath(picture)})
+        entries = images_to_read(args.images)
         with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
             counts, shown = predict_all(model, device, entries, csv.writer(table), log)
         status.stage = Stage.DRAWING
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(picture)  # an earlier table's, in a folder used again
         read, seconds = counts['read'], time.perf_counter() - started
         log(f'done: {read} image{"s" * (read != 1)} predicted in {seconds:.1f} s ({read / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')

@@ -1361,6 +1361,8 @@ def write_metrics(out_dir, metrics):
 
 LOCK_FILE = '.lock'
 RUN_FILES = ('model.pt', 'summary.json', 'metrics.csv')  # what makes a folder a run's
+OUTPUT_FILES = (*RUN_FILES, 'curves.png', 'confusion.png', 'samples.png', 'tsne.gif', 'tsne.png', 'tsne.npz',
+                'projector_config.pbtxt')  # what a run writes: never over a file it did not write itself
 
 
 def new_run_folder():
@@ -1416,10 +1418,11 @@ def lock_file(path):
 
 
 @contextlib.contextmanager
-def claimed_folder(folder, may_hold_a_run=False, claim=True):
+def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
     """The run's folder, locked to this process for the run's life: `folder` (--out-dir, the resumed run's), or a
-    new runs/<stamp>. Folders this run created and left without a file are removed again. Without `claim` (the
-    processes of a job other than the first), the folder as it is."""
+    new runs/<stamp>; one that holds any of the files `refused` (those the run would write over) is refused. Folders
+    this run created and left without a file are removed again. Without `claim` (the processes of a job other than
+    the first), the folder as it is."""
     if not claim:
         yield folder
         return
@@ -1445,11 +1448,11 @@ def claimed_folder(folder, may_hold_a_run=False, claim=True):
         remove_created()
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None
     try:
-        held = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
-        if held and not may_hold_a_run:
-            raise UsageError(f'{folder} already holds a run ({held[0]}): ' + (
-                f'continue it with --resume {folder} or choose another --out-dir' if held[0] == 'model.pt' else
-                'its outputs would mix with this one\'s; choose another --out-dir'))
+        held = [name for name in refused if os.path.exists(os.path.join(folder, name))]
+        if held:
+            raise UsageError(f'{folder} already holds {held[0]}' + (
+                f': continue its run with --resume {folder} or choose another --out-dir' if held[0] == 'model.pt' else
+                ', which this run would write over: choose another --out-dir'))
         yield folder
     finally:
         with contextlib.suppress(OSError):
@@ -1889,7 +1892,8 @@ def train_and_report(config, world, checkpoint, status, wall_started):
     keep_freed_memory()
     torch.backends.cudnn.deterministic = True  # on CUDA, the same seed gives the same run (no timed algorithm choice)
     join_process_group(world, device)
-    with claimed_folder(config.out_dir, may_hold_a_run=bool(config.resume), claim=world.is_main) as out_dir:
+    refused = () if config.resume else OUTPUT_FILES  # a resumed run writes over its own files
+    with claimed_folder(config.out_dir, refused, claim=world.is_main) as out_dir:
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
         own = os.path.join(out_dir, 'model.pt')  # what resuming writes over: still the checkpoint this run read?

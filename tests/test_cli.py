@@ -249,8 +249,20 @@ def test_a_folder_of_an_earlier_runs_outputs_is_not_a_new_runs(tmp_path, data_di
     old.mkdir()
     (old / 'summary.json').write_text('{"test_accuracy": 0.99}')
     assert tm.main(['--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(old)]) == 2
-    assert one_line_error(capsys).startswith(f'usage error: {old} already holds a run (summary.json): ')
+    assert one_line_error(capsys).startswith(f'usage error: {old} already holds summary.json, which this run would ')
     assert os.listdir(old) == ['summary.json']
+
+
+@pytest.mark.parametrize('name', ['curves.png', 'tsne.gif'])
+def test_a_folder_holding_a_file_a_run_writes_is_not_written_over(tmp_path, data_dir, capsys, name):
+    """--out-dir docs, say: the pictures there are someone's own."""
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    (docs / name).write_bytes(b'mine')
+    assert tm.main(['--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(docs)]) == 2
+    assert one_line_error(capsys) == (f'usage error: {docs} already holds {name}, which this run would write over: '
+                                      'choose another --out-dir')
+    assert os.listdir(docs) == [name] and (docs / name).read_bytes() == b'mine'
 
 
 def test_a_folder_name_that_is_not_utf8_is_printed_escaped(tmp_path, data_dir, fixture_checksums):

@@ -191,8 +191,8 @@ def test_a_folder_of_many_is_streamed_and_the_picture_shows_the_least_confident(
     monkeypatch.setattr(pd, 'PICTURE_MOST', 5)
     pulled, real_images_to_read = [], pd.images_to_read
 
-    def counting(paths, skip=()):
-        for entry in real_images_to_read(paths, skip):
+    def counting(paths):
+        for entry in real_images_to_read(paths):
             pulled.append(entry)
             yield entry
     monkeypatch.setattr(pd, 'images_to_read', counting)
@@ -402,10 +402,9 @@ def test_a_pipe_is_not_read_and_nothing_hangs(glyphs, tmp_path, fixture_checksum
 def test_an_output_folder_among_the_inputs_is_not_read_back(glyphs, glyph_md5, tmp_path, capsys):
     folder = tmp_path / 'in'
     one_photo(glyphs, folder)
-    for _ in range(2):
-        code, _, _ = predict([folder, '--model', glyphs['run'], '--out-dir', folder], capsys)
-        assert code == 0
+    assert predict([folder, '--model', glyphs['run'], '--out-dir', folder], capsys)[0] == 0
     assert [os.path.basename(r['file']) for r in read_csv(folder / 'predictions.csv')] == ['one.png']
+    assert predict([folder, '--model', glyphs['run'], '--out-dir', folder], capsys)[0] == 2  # nor written over
 
 
 def test_subfolders_are_read_and_what_is_no_picture_is_left_out(glyphs, glyph_md5, tmp_path, capsys):
@@ -522,13 +521,14 @@ def test_earlier_runs_folders_among_the_inputs_are_not_read(glyphs, glyph_md5, t
     assert [r['file'] for r in read_csv(newest)] == ['./one.png']
 
 
-def test_an_output_folder_used_again_keeps_no_picture_of_the_earlier_table(glyphs, glyph_md5, tmp_path, capsys):
+def test_an_output_folder_holding_predictions_is_refused(glyphs, glyph_md5, tmp_path, capsys):
     out = tmp_path / 'out'
     assert predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--out-dir', out], capsys)[0] == 0
-    assert (out / 'predictions.png').exists()
-    Image.new('L', (60, 60), 230).save(tmp_path / 'blank.png')
-    assert predict([tmp_path / 'blank.png', '--model', glyphs['run'], '--out-dir', out], capsys)[0] == 1
-    assert read_csv(out / 'predictions.csv') == [] and not (out / 'predictions.png').exists()
+    before = {name: (out / name).read_bytes() for name in ('predictions.csv', 'predictions.png')}
+    code, _, err = predict([tmp_path / 'in', '--model', glyphs['run'], '--out-dir', out], capsys)
+    assert code == 2 and err == (f'usage error: {out} already holds predictions.csv, which this run would write '
+                                 'over: choose another --out-dir\n')
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_a_photo_with_damaged_exif_is_read_without_pillows_warnings(glyphs, glyph_md5, tmp_path, capsys):
