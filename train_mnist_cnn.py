@@ -421,7 +421,8 @@ class Run:
         result = evaluate(self.model, self.test_images[:self.eval_size], self.test_labels[:self.eval_size],
                           self.tsne_points, config.precision)
         elapsed = self.elapsed()
-        row = {'epoch': progress.epoch + 1, 'step': progress.step, 'train_loss': round(loss, 6),
+        row = {'epoch': progress.epoch + 1, 'step': progress.step,
+               'train_loss': round(loss, 6) or float(f'{loss:.3g}'),  # (one below 5e-7: its first digits, not 0.0)
                'eval_accuracy': round(result.accuracy, 6), 'elapsed_seconds': round(elapsed, 3)}
         progress.metrics.append(row)
         if self.board is not None:
@@ -793,8 +794,9 @@ class FilmFigure:
         full_redraw = self.background is None
         if losses:  # widen the curves' scales when the values leave them (rare: each costs a full draw)
             low, high = self.loss_ax.get_ylim()
-            if min(losses) < low or max(losses) > high:
-                self.loss_ax.set_ylim(min(low, min(losses) / 2), max(high, max(losses) * 2))
+            least = min((loss for loss in losses if loss > 0), default=low)  # (a loss of exactly 0 has no log)
+            if least < low or max(losses) > high:
+                self.loss_ax.set_ylim(min(low, least / 2), max(high, max(losses) * 2))
                 full_redraw = True
             if min(accuracies) < self.acc_ax.get_ylim()[0]:
                 self.acc_ax.set_ylim(math.floor(min(accuracies) * 10) / 10, 1)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -546,3 +547,17 @@ def test_tensorboard_into_a_folder_whose_name_is_no_text_is_one_line(tmp_path, c
     assert capsys.readouterr().err == (f'usage error: --tensorboard: TensorBoard writes only into folders whose names '
                                        f'are text, not {tmp_path}/run\\xff\n')
     assert not os.path.exists(run)
+
+
+def test_a_loss_below_the_metrics_six_decimals_keeps_its_first_digits(tmp_path, data_dir, monkeypatch):
+    """Batches of one image learn to losses below 5e-7: rounded to 0.0, they left the log-scaled plots, and the
+    film's loss axis was set to 0 with matplotlib's warning."""
+    step = tm.train_step
+    monkeypatch.setattr(tm, 'train_step', lambda *args, **kwargs: step(*args, **kwargs) * 1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert tm.main(['--device', 'cpu', '--log-interval', '4', '--tsne-points', '50', '--eval-size', '50',
+                        '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
+    with open(tmp_path / 'run' / 'metrics.csv') as f:
+        losses = [float(row['train_loss']) for row in csv.DictReader(f)]
+    assert len(losses) == 3 and all(0 < loss < 1e-8 for loss in losses)
