@@ -1817,6 +1817,7 @@ def say(message, error=False):
 
 def resume_command(out_dir, world):
     script = sys.argv[0] or 'train_mnist_cnn.py'
+    out_dir = os.path.join('.', out_dir) if out_dir.startswith('-') else out_dir  # -x would be taken for a flag
     if dist.is_torchelastic_launched():
         return shlex.join(['torchrun', f'--nproc_per_node={world.size}', script, '--resume', out_dir])
     return shlex.join([sys.executable, script, '--resume', out_dir])

@@ -764,3 +764,10 @@ def test_a_stop_signal_saves_unless_the_run_was_started_ignoring_it(uninterrupte
         assert process.returncode == 0 and (run / 'summary.json').exists(), stderr
     else:
         assert process.returncode == 128 + signum and 'checkpoint saved. Resume with:' in stdout and stderr == ''
+
+
+def test_the_resume_command_for_a_folder_named_like_a_flag_works_as_printed(monkeypatch):
+    """--out-dir=-x: `--resume -x` would be a usage error, as argparse takes -x for a flag."""
+    monkeypatch.setattr(sys, 'argv', ['train_mnist_cnn.py'])
+    assert tm.resume_command('-x', tm.World()).endswith(' train_mnist_cnn.py --resume ./-x')
+    assert tm.resume_command('runs/a b', tm.World()).endswith(" train_mnist_cnn.py --resume 'runs/a b'")
