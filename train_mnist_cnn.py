@@ -1637,6 +1637,8 @@ def load_checkpoint(path, flag='--resume', model_only=False):
     file = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise RunError(f'{flag} {path}: no checkpoint at {file}')
+    if not zipfile.is_zipfile(file):  # a CSV or a picture, say: torch.load's own words for them are long and cryptic
+        raise RunError(f'{flag} {path}: {file} is not a readable checkpoint (not the zip archive torch.save writes)')
     try:
         with warnings.catch_warnings(action='ignore'):  # a crafted file: one line below, not torch's warnings
             checkpoint = torch.load(file, map_location='cpu', weights_only=True)

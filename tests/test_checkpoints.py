@@ -168,8 +168,9 @@ def write_other_model(path):
 
 @pytest.mark.parametrize('make, message', [
     (lambda p: None, 'no checkpoint at'),
-    (lambda p: p.write_bytes(os.urandom(4096)), 'is not a readable checkpoint'),
+    (lambda p: p.write_bytes(os.urandom(4096)), 'is not a readable checkpoint (not the zip archive torch.save writes)'),
     (lambda p: p.write_bytes(b''), 'is not a readable checkpoint'),
+    (lambda p: p.write_text('epoch,step\n1,50\n'), 'is not a readable checkpoint (not the zip archive torch.save '),
     (lambda p: torch.save({'weights': torch.zeros(3)}, p), 'is not a checkpoint of this script'),
     (write_other_model, 'holds a different model'),
 ])
