@@ -144,6 +144,19 @@ def test_survivors_of_a_killed_process_say_so_in_one_line(tmp_path, data_dir, fi
     assert survivor.read_text() == '[rank 0] error: another process of the job failed; its own output says why\n'
 
 
+def free_port_below_the_ephemeral_range():
+    """A port no outgoing connection takes as its own: a node that connects to one in the ephemeral range before the
+    other node listens there can be handed that very port as its source, and so connect to itself, and wait."""
+    for port in range(20000 + os.getpid() % 10000, 32768):
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError('no free port below 32768')
+
+
 def test_the_first_process_of_every_machine_makes_sure_of_the_data(tmp_path, data_dir, fixture_source,
                                                                     fixture_checksums):
     """Two machines simulated on this one: the second has its own data folder, holding only the .gz files."""
@@ -151,9 +164,7 @@ def test_the_first_process_of_every_machine_makes_sure_of_the_data(tmp_path, dat
     other.mkdir(parents=True)
     for name in fixture_checksums:
         (other / (name + '.gz')).write_bytes((fixture_source[0] / (name + '.gz')).read_bytes())
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port_below_the_ephemeral_range()
     env = {**os.environ, 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1'}
     nodes = []
     for node, data in enumerate([data_dir, other.parent.parent]):
