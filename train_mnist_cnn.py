@@ -375,8 +375,6 @@ class Run:
             made = "step's line, metrics row or t-SNE frame" if config.tsne else "step's line or metrics row"
             log(f'note: --log-interval {config.log_interval} leaves no log step in the run\'s '
                 f'{self.total_steps - self.progress.step} steps to go: no {made} will be made')
-        if config.tsne and self.progress.step == self.total_steps and not (checkpoint or {}).get('tsne'):
-            log('note: the run has no step left to film; raise --epochs to film the steps added')
         # the steps go through DDP under torchrun, which averages the gradients; everything else uses the model
         self.trained_model = self.model
         if world.size > 1:
@@ -385,6 +383,8 @@ class Run:
         self.film_points = min(config.tsne_points, self.eval_size)  # the film's images, and the projector's
         self.tsne_points = self.film_points if config.tsne else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
+        if config.tsne and self.progress.step == self.total_steps and not self.film_history:
+            log('note: the run has no step left to film; raise --epochs to film the steps added')
         self.film = None
         if self.tsne_points and world.is_main:
             labels = self.test_labels[:self.tsne_points].cpu().numpy()
