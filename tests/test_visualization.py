@@ -186,35 +186,34 @@ def test_glide_frames_are_interpolated_layouts(tmp_path):
     film.stop()
 
 
-@pytest.mark.parametrize('interactive', [True, False])
-def test_the_last_frame_stays_up_in_an_interactive_run_only(tmp_path, data_dir, monkeypatch, capsys, interactive):
-    kept_open = []
-    real_init = tm.TsneFilm.__init__
+def as_if_a_window_were_shown(monkeypatch, interactive, kept=lambda: True):
+    """The film's window up, as on a desktop, and a terminal behind it if `interactive`; returns the list that
+    records `kept()` each time the last frame would be held open."""
+    kept_open, real_init = [], tm.TsneFilm.__init__
 
     def init_as_if_a_window_were_shown(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         self.live = True
     monkeypatch.setattr(tm.TsneFilm, '__init__', init_as_if_a_window_were_shown)
-    monkeypatch.setattr(tm, 'show_until_closed',
-                        lambda status: kept_open.append((tmp_path / 'run' / 'summary.json').exists()))
+    monkeypatch.setattr(tm, 'show_until_closed', lambda status: kept_open.append(kept()))
     monkeypatch.setattr(sys, 'stdin', type('Terminal', (), {'isatty': lambda self: interactive})())
+    return kept_open
+
+
+@pytest.mark.parametrize('interactive', [True, False])
+def test_the_last_frame_stays_up_in_an_interactive_run_only(tmp_path, data_dir, monkeypatch, capsys, interactive):
+    kept_open = as_if_a_window_were_shown(monkeypatch, interactive,
+                                          lambda: (tmp_path / 'run' / 'summary.json').exists())
     assert tm.main([*TSNE_RUN, '--epochs', '1', '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
     assert kept_open == ([True] if interactive else [])
     assert ('the t-SNE window stays open on the last frame: close it to exit' in capsys.readouterr().out) == interactive
 
 
-
 def test_a_finished_headless_run_resumed_with_the_film_says_no_step_is_left_to_film(tmp_path, data_dir, monkeypatch,
                                                                                     capsys):
-    run, kept_open, real_init = tmp_path / 'run', [], tm.TsneFilm.__init__
+    run = tmp_path / 'run'
     assert tm.main([*TSNE_RUN, '--no-tsne', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
-
-    def init_as_if_a_window_were_shown(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.live = True
-    monkeypatch.setattr(tm.TsneFilm, '__init__', init_as_if_a_window_were_shown)
-    monkeypatch.setattr(tm, 'show_until_closed', lambda status: kept_open.append(status))
-    monkeypatch.setattr(sys, 'stdin', type('Terminal', (), {'isatty': lambda self: True})())
+    kept_open = as_if_a_window_were_shown(monkeypatch, interactive=True)
     capsys.readouterr()
     assert tm.main(['--resume', str(run), '--tsne']) == 0
     assert kept_open == []  # no empty window held open
