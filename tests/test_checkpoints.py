@@ -266,7 +266,6 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path, data_dir, mon
     assert captured.err.strip() == 'interrupted before training started; nothing was written'
 
 
-
 def test_a_stop_signal_sent_twice_at_once_as_timeout_sends_it_still_ends_in_its_line(tmp_path, data_dir):
     """timeout(1) sends its signal to the process, then to its process group: the same signal twice, microseconds
     apart. The repeat is not a second press: the line is said and the new folder removed."""
