@@ -1379,9 +1379,10 @@ def new_run_folder():
     raise RunError(f'runs/ already holds 999 runs stamped {stamp}')
 
 
-def lock_file(path):
+def lock_file(path, or_else=''):
     """An exclusive lock on `path`, held until the descriptor is closed or the process ends (the OS releases
-    it then); a second claimant is refused with the holder's pid."""
+    it then); a second claimant is refused with the holder's pid and `or_else`, what else it can do (a resume,
+    which goes on in its own folder, can only wait)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)  # a link is refused
         try:
@@ -1402,7 +1403,7 @@ def lock_file(path):
                 time.sleep(0.01)
             os.close(fd)
             raise RunError(f'{os.path.dirname(path)} is in use by another run (pid {holder or "unknown"}); '
-                           'wait for it to end or choose another --out-dir') from None
+                           f'wait for it to end{or_else}') from None
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -1445,7 +1446,7 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
         else:
             folder = new_run_folder()
             created.insert(0, os.path.abspath(folder))
-        lock = lock_file(os.path.join(folder, LOCK_FILE))
+        lock = lock_file(os.path.join(folder, LOCK_FILE), ' or choose another --out-dir' if refused else '')
     except OSError as e:
         remove_created()
         raise RunError(f'cannot write to {folder or "runs"}: {e.strerror}') from None

@@ -312,7 +312,7 @@ def test_a_held_folder_is_refused_for_a_resume_too(tmp_path, data_dir, monkeypat
         capsys.readouterr()
         assert tm.main(['--resume', str(run), '--epochs', '2']) == 1
         assert capsys.readouterr().err == f'error: {run} is in use by another run (pid {os.getpid()}); wait for it ' \
-                                          'to end or choose another --out-dir\n'
+                                          'to end\n'  # (not "choose another --out-dir", which a resume refuses)
     finally:
         os.close(lock)
     assert (run / 'model.pt').read_bytes() == before
