@@ -145,11 +145,11 @@ def read_entry(path):
         return path, str(e) or 'too large for the memory left'
 
 
-def predict_all(model, device, entries, rows, log):
+def predict_all(model, device, entries, rows, log, threads):
     """Predicts the images a batch at a time, a line and a CSV row each; returns the counts and the least confident."""
     counts, shown = {'read': 0, 'failed': 0}, []
     rows.writerow(['file', 'predicted', *(f'p{digit}' for digit in range(10))])
-    readers = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # Pillow decodes and resizes off the GIL
+    readers = concurrent.futures.ThreadPoolExecutor(threads)  # Pillow decodes and resizes off the GIL
     try:
         for batch in iter(lambda: list(itertools.islice(entries, PREDICT_BATCH)), []):
             read = []
@@ -316,7 +316,7 @@ def predict(args, status, log):
         started = time.perf_counter()
         entries = images_to_read(args.images)
         with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
-            counts, shown = predict_all(model, device, entries, csv.writer(table), log)
+            counts, shown = predict_all(model, device, entries, csv.writer(table), log, args.threads or os.cpu_count())
         status.stage = Stage.DRAWING
         read, seconds = counts['read'], time.perf_counter() - started
         log(f'done: {read} image{"s" * (read != 1)} predicted in {seconds:.1f} s ({read / max(seconds, 1e-9):.0f} '

@@ -588,3 +588,15 @@ def test_a_large_jpeg_is_decoded_at_a_fraction_of_its_size(glyphs, glyph_md5, tm
     code, out, _ = predict([tmp_path / 'big.jpg', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
     assert code == 0 and sizes == [(1200, 1050)]  # half of 2400x2100: the smallest scale that keeps 1024 pixels
     assert f'big.jpg: {glyphs["predicted"][0]} (' in out
+
+
+def test_threads_bounds_the_image_readers_too(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    photo_like(glyphs['test_images'][0]).save(tmp_path / 'seven.png')
+    workers, real, threads = [], pd.concurrent.futures.ThreadPoolExecutor, torch.get_num_threads()
+    monkeypatch.setattr(pd.concurrent.futures, 'ThreadPoolExecutor', lambda n: workers.append(n) or real(n))
+    try:
+        code, _, _ = predict([tmp_path / 'seven.png', '--threads', '1', '--model', glyphs['run'], '--out-dir',
+                              tmp_path / 'out'], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and workers == [1]
