@@ -60,6 +60,8 @@ def mnist_like(image):
     from PIL import Image, ImageOps
     if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
         grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float32)  # not clipped to 8 bits
+        if not np.isfinite(grey).all():  # (a float scan's NaN would make every level NaN)
+            raise ValueError('its pixels are not all finite numbers (NaN or infinity)')
         grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
     else:
         grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)

@@ -337,6 +337,18 @@ def test_16_bit_and_float_scans_are_read_in_their_own_range(glyphs, glyph_md5, t
         glyphs['predicted'][:2].tolist()
 
 
+
+def test_a_float_scan_with_pixels_that_are_no_numbers_is_a_line_without_numpys_warnings(glyphs, glyph_md5, tmp_path,
+                                                                                          capsys):
+    grey = np.asarray(photo_like(glyphs['test_images'][0]).convert('L'), dtype=np.float32) / 255
+    grey[0, 0] = np.nan
+    Image.fromarray(grey).save(tmp_path / 'nan.tiff')
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        code, _, err = predict([tmp_path / 'nan.tiff', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 1 and [str(w.message) for w in seen] == []
+    assert err == f'{tmp_path / "nan.tiff"}: its pixels are not all finite numbers (NaN or infinity)\n'
+
 @pytest.mark.parametrize('name, shown', [(b'x\xffy.png', 'x\\xffy.png'), (b'two\nlines.png', 'two\\nlines.png'),
                                          ('a\x85b\u2028c.png'.encode(), 'a\\x85b\\u2028c.png')])
 def test_a_file_name_that_is_not_utf8_or_holds_a_newline_is_written_escaped(glyphs, glyph_md5, tmp_path, capsys,
