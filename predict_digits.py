@@ -59,7 +59,7 @@ def mnist_like(image):
     pixel (14, 14), where MNIST's own lie (14.0 +- 0.3 in rows and columns). 28x28 uint8, as the IDX files hold."""
     from PIL import Image, ImageOps
     if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
-        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float32)  # not clipped to 8 bits
+        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float64)  # not clipped to 8 bits
         if not np.isfinite(grey).all():  # (a float scan's NaN would make every level NaN)
             raise ValueError('its pixels are not all finite numbers (NaN or infinity)')
         grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
@@ -75,16 +75,14 @@ def mnist_like(image):
     level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
     digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
     digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
-    scale = 20 / max(digit.size)
-    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
-                         Image.Resampling.LANCZOS)
+    digit = ImageOps.contain(digit, (20, 20), Image.Resampling.LANCZOS)  # its longer side 20 pixels, aspect kept
     weights = np.asarray(digit, dtype=np.float64)
     if not weights.any():
         raise ValueError('no ink left at 20 pixels: the marks are too small or too far apart for a digit')
-    rows, cols = np.indices(weights.shape)
-    centre_row, centre_col = (rows * weights).sum() / weights.sum(), (cols * weights).sum() / weights.sum()
+    weights *= 255 / weights.max()  # a thin stroke, which shrinking dimmed, at full ink again as MNIST's strokes are
+    centre_row, centre_col = (np.indices(weights.shape) * weights).sum(axis=(1, 2)) / weights.sum()
     placed = Image.new('L', (28, 28))
-    placed.paste(digit, (round(14 - centre_col), round(14 - centre_row)))
+    placed.paste(Image.fromarray(np.round(weights).astype(np.uint8)), (round(14 - centre_col), round(14 - centre_row)))
     return np.asarray(placed)
 
 

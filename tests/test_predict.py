@@ -325,16 +325,25 @@ def test_ctrl_c_after_the_table_is_written_says_so(glyphs, glyph_md5, tmp_path, 
 def test_16_bit_and_float_scans_are_read_in_their_own_range(glyphs, glyph_md5, tmp_path, capsys):
     folder = tmp_path / 'scans'
     folder.mkdir()
-    for i, kind in enumerate(('uint16', 'float32')):
+    for i, kind in enumerate(('uint16', 'float32', 'float32 over all its range')):
         grey = np.asarray(photo_like(glyphs['test_images'][i]).convert('L'), dtype=np.float64) / 255
         if kind == 'uint16':  # paper near 40000, ink near 10000: all of it above 8 bits
             Image.fromarray((10000 + grey * 30000).astype(np.uint16)).save(folder / f'{i}.png')
-        else:
-            Image.fromarray(grey.astype(np.float32)).save(folder / f'{i}.tiff')
-    code, _, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
-    assert code == 0 and err == ''
+        else:  # from 0 to 1, or from -3e38 to 3e38, whose difference float32 cannot hold
+            Image.fromarray((grey if kind == 'float32' else grey * 6e38 - 3e38).astype(np.float32)).save(
+                folder / f'{i}.tiff')
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        code, _, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and err == '' and [str(w.message) for w in seen] == []
     assert [int(r['predicted']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == \
-        glyphs['predicted'][:2].tolist()
+        glyphs['predicted'][:3].tolist()
+
+
+def test_a_thin_stroke_is_seen_at_full_ink_as_mnists_are():
+    drawing = Image.new('L', (600, 600), 'white')  # a 7 drawn with a paint program's 3-pixel pencil
+    ImageDraw.Draw(drawing).line([(150, 100), (450, 100), (260, 500)], fill='black', width=3, joint='curve')
+    assert pd.mnist_like(drawing).max() == 255  # (shrunk to 20 pixels, it was a faint 62)
 
 
 
