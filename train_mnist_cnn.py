@@ -464,6 +464,7 @@ class Run:
         self.check_finite(loss)
         self.progress.train_seconds = self.elapsed()
         if self.world.is_main:
+            check_still_ours(self.out_dir)
             film_state = self.film.state() if self.film is not None else self.film_history
             buffer = io.BytesIO()
             torch.save(checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state), buffer)
@@ -505,6 +506,7 @@ class Run:
 
     def write_outputs(self, test, wall_started):
         """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
+        check_still_ours(self.out_dir)
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
         images = progress.epoch * min(self.steps_per_epoch * config.batch_size, len(self.train_images))  # whole epochs
         self.log(f'{test.predictions[:10].tolist()} prediction number')
@@ -1459,9 +1461,20 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
         yield folder
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(folder, LOCK_FILE))
+            if os.path.samestat(os.fstat(lock), os.stat(os.path.join(folder, LOCK_FILE))):  # (not another run's)
+                os.unlink(os.path.join(folder, LOCK_FILE))
         remove_created()
         os.close(lock)
+
+
+def check_still_ours(folder):
+    """The run's folder, before each write: moved while the run went on (and its name perhaps taken by another
+    run's folder), or its .lock removed (and perhaps taken by another run), it is written to no more."""
+    with contextlib.suppress(OSError), open(os.path.join(folder, LOCK_FILE)) as f:
+        if f.read().strip() == str(os.getpid()):
+            return
+    raise RunError(f"{folder} is no longer this run's (the folder was moved, or its {LOCK_FILE} removed, while the "
+                   'run went on): nothing more is written there')
 
 
 # -----------------------------------------------------------------------------
