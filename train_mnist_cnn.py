@@ -831,6 +831,8 @@ def interactive_backend(log=None):
         backend = plt.get_backend()
         plt.switch_backend(backend)  # imports its toolkit now, not at the first window
     except Exception as e:  # a name it does not know, a toolkit not installed, a module that is no backend
+        if isinstance(e.__cause__ or e.__context__, Stopped):  # a stop signal in a compiled module's start-up,
+            raise (e.__cause__ or e.__context__) from None      # which comes back wrapped in its ImportError
         why = one_line(e).split(';')[0]  # (matplotlib's list of every backend follows a ';')
         (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({why}); drawing to files only')
         import matplotlib.pyplot as plt

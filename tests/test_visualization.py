@@ -392,3 +392,21 @@ def test_a_display_that_goes_away_saves_the_steps_and_releases_the_folder(tmp_pa
                            'without it\n')
     assert 'checkpoint saved at step 8; resume with: ' in done.stdout
     assert torch.load(run / 'model.pt', weights_only=True)['step'] == 8 and not (run / '.lock').exists()
+
+
+def test_a_stop_signal_that_a_toolkits_start_up_wraps_in_its_own_error_still_stops(tmp_path, data_dir, monkeypatch,
+                                                                                   capsys):
+    """A signal in the middle of a compiled module's start-up (matplotlib's ft2font, while pyplot is imported) comes
+    back as that module's ImportError('initialization failed') from the Stopped: it was taken for a backend that
+    cannot work here, and the stop was lost."""
+    import matplotlib.pyplot as plt
+    real_switch_backend = plt.switch_backend
+
+    def interrupted(name):
+        monkeypatch.setattr(plt, 'switch_backend', real_switch_backend)
+        raise ImportError('initialization failed') from tm.Stopped(signal.SIGINT, tm.Stage.STARTING)
+    monkeypatch.setattr(plt, 'switch_backend', interrupted)
+    run = tmp_path / 'run'
+    assert tm.main([*TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 130
+    assert capsys.readouterr().err == 'interrupted before training started; nothing was written\n'
+    assert not run.exists()
