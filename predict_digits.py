@@ -303,7 +303,7 @@ def predict(args, status, log):
                           'or name one with --model')
     model_file = os.path.join(model_file, 'model.pt') if os.path.isdir(model_file) else model_file
     model = tm.to_device(CNN(), device).eval()
-    model.load_state_dict(tm.load_checkpoint(model_file, '--model', model_only=True)['model'])
+    model.load_state_dict(tm.load_checkpoint(args.model or model_file, '--model', model_only=True)['model'])
     run_dir = os.path.dirname(model_file) or '.'
     trained = 'no summary.json: its run did not finish'
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):

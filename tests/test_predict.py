@@ -269,6 +269,13 @@ def test_no_model_anywhere_says_how_to_train_one(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / 'runs').exists()
 
 
+
+def test_a_run_folder_whose_model_pt_is_a_folder_is_named_as_given(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'run' / 'model.pt').mkdir(parents=True)
+    (tmp_path / 'one.png').write_bytes(_small_png())
+    code, _, err = predict([tmp_path / 'one.png', '--model', tmp_path / 'run'], capsys)
+    assert (code, err) == (1, f'error: --model {tmp_path / "run"}: no checkpoint at {tmp_path / "run" / "model.pt"}\n')
+
 @pytest.mark.parametrize('main, flags, message', [
     (pd.main, ['x.png', '--epochs', '2'], 'unrecognized arguments: --epochs 2'),
     (pd.main, ['x.png', '--no-tsne'], 'unrecognized arguments: --no-tsne'),
