@@ -189,7 +189,8 @@ def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
     if not os.path.isfile(path):
         log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
         return None
-    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None, unpack=False)
+    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None, unpack=False,
+                                    names=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'))  # (the test set's)
     if problems:
         log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
         return None

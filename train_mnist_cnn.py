@@ -1178,11 +1178,11 @@ def unpack_gz(path, name, log):
     return data, None
 
 
-def read_mnist(raw, log, unpack=True):
-    """The four files' bytes, each read once and checked against its md5, and the problems, one line each.
-    Without `unpack` a .gz is left as it is (and its file counts as missing)."""
+def read_mnist(raw, log, unpack=True, names=tuple(MNIST_MD5)):
+    """The files' bytes (the four, or those `names`), each read once and checked against its md5, and the problems,
+    one line each. Without `unpack` a .gz is left as it is (and its file counts as missing)."""
     files, problems = {}, []
-    for name, md5 in MNIST_MD5.items():
+    for name in names:
         path = os.path.join(raw, name)
         try:
             with open(path, 'rb') as f:
@@ -1195,7 +1195,7 @@ def read_mnist(raw, log, unpack=True):
         except OSError as e:
             data, problem = None, f'{path}: {e.strerror}'
         else:
-            problem = None if md5_of(data) == md5 else describe_bad_file(path, name, data)
+            problem = None if md5_of(data) == MNIST_MD5[name] else describe_bad_file(path, name, data)
         if problem:
             problems.append(problem)
         else:

@@ -216,6 +216,12 @@ def test_the_t_sne_panel_needs_the_runs_film_and_the_data(glyphs, glyph_md5, tmp
     film = pd.film_for_predictions(str(glyphs['run']), str(glyphs['data']), model_of(glyphs), torch.device('cpu'),
                                    print)
     assert film['embedding'].shape == (100, 2) and film['features'].shape == (100, 1568)
+    test_only = tmp_path / 'test-only'
+    (test_only / 'MNIST' / 'raw').mkdir(parents=True)
+    for name in ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):  # the panel needs the test images alone
+        shutil.copy(glyphs['data'] / 'MNIST' / 'raw' / name, test_only / 'MNIST' / 'raw' / name)
+    assert pd.film_for_predictions(str(glyphs['run']), str(test_only), model_of(glyphs), torch.device('cpu'),
+                                   print)['embedding'].shape == (100, 2)
     _, out, _ = predict([tmp_path / 'one.png', '--model', glyphs['run'], '--data-dir', tmp_path / 'nodata',
                          '--out-dir', tmp_path / 'out1'], capsys)
     assert f'note: no t-SNE panel: the test images it shows are not in --data-dir {tmp_path / "nodata"}' in out
