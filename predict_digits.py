@@ -55,8 +55,8 @@ PICTURE_MOST = 32      # images shown in predictions.png, the least confident fi
 
 def mnist_like(image):
     """A digit image (PIL) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black, the ink's
-    box scaled so its longer side is 20 pixels (aspect kept, antialiased), placed in 28x28 with its centre of mass on
-    pixel (14, 14), where MNIST's own lie (14.0 +- 0.3 in rows and columns). 28x28 uint8, as the IDX files hold."""
+    box scaled so its longer side is 20 pixels (aspect kept, antialiased) and its strongest ink full, placed in 28x28
+    with its centre of mass on pixel (14, 14), where MNIST's lie (14.0 +- 0.3 in rows and columns). 28x28 uint8."""
     from PIL import Image, ImageOps
     if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
         grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float64)  # not clipped to 8 bits
@@ -75,7 +75,8 @@ def mnist_like(image):
     level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
     digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
     digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
-    digit = ImageOps.contain(digit, (20, 20), Image.Resampling.LANCZOS)  # its longer side 20 pixels, aspect kept
+    scale = 20 / max(digit.size)  # its longer side 20 pixels, aspect kept (and a thin 1 at least a pixel wide)
+    digit = digit.resize(tuple(max(1, round(side * scale)) for side in digit.size), Image.Resampling.LANCZOS)
     weights = np.asarray(digit, dtype=np.float64)
     if not weights.any():
         raise ValueError('no ink left at 20 pixels: the marks are too small or too far apart for a digit')
@@ -311,7 +312,7 @@ def predict(args, status, log):
         with open(os.path.join(run_dir, 'summary.json')) as f:
             trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
     log(f'model: {model_file} ({trained})')
-    with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as out_dir:
+    with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as (out_dir, _):
         status.out_dir = out_dir
         picture = os.path.join(out_dir, 'predictions.png')
         started = time.perf_counter()

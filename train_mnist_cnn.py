@@ -344,9 +344,9 @@ class Progress:
 class Run:
     """One training run: its settings, data, model, optimizer, progress and t-SNE film."""
 
-    def __init__(self, config, world, device, mnist, checkpoint, log):
+    def __init__(self, config, world, device, mnist, checkpoint, log, lock=None):
         self.config, self.world, self.device, self.log = config, world, device, log
-        self.out_dir = config.out_dir
+        self.out_dir, self.lock = config.out_dir, lock  # the run folder, and the .lock it holds (see claimed_folder)
         self.train_images, self.train_labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
         self.test_images, self.test_labels = mnist['test_images'].to(device), mnist['test_labels'].to(device)
         self.eval_size = min(config.eval_size, len(self.test_images))
@@ -464,7 +464,7 @@ class Run:
         self.check_finite(loss)
         self.progress.train_seconds = self.elapsed()
         if self.world.is_main:
-            check_still_ours(self.out_dir)
+            self.check_folder()
             film_state = self.film.state() if self.film is not None else self.film_history
             buffer = io.BytesIO()
             torch.save(checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state), buffer)
@@ -473,6 +473,11 @@ class Run:
             if self.board is not None:
                 self.board.flush()  # its events as far as the checkpoint
         self.saved_step = self.progress.step
+
+    def check_folder(self):
+        if not still_ours(self.out_dir, self.lock):
+            raise RunError(f"{self.out_dir} is no longer this run's (the folder was moved, or its {LOCK_FILE} removed, "
+                           'while the run went on): nothing more is written there')
 
     def save_after_failure(self):
         """Training failed (memory, say): the steps since the last checkpoint are kept if they can be."""
@@ -506,7 +511,7 @@ class Run:
 
     def write_outputs(self, test, wall_started):
         """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
-        check_still_ours(self.out_dir)
+        self.check_folder()
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
         images = progress.epoch * min(self.steps_per_epoch * config.batch_size, len(self.train_images))  # whole epochs
         self.log(f'{test.predictions[:10].tolist()} prediction number')
@@ -831,8 +836,8 @@ def interactive_backend(log=None):
         backend = plt.get_backend()
         plt.switch_backend(backend)  # imports its toolkit now, not at the first window
     except Exception as e:  # a name it does not know, a toolkit not installed, a module that is no backend
-        if isinstance(e.__cause__ or e.__context__, Stopped):  # a stop signal in a compiled module's start-up,
-            raise (e.__cause__ or e.__context__) from None      # which comes back wrapped in its ImportError
+        if isinstance(e.__cause__, Stopped):  # a stop signal in a compiled module's start-up (see exit_code)
+            raise
         why = one_line(e).split(';')[0]  # (matplotlib's list of every backend follows a ';')
         (log or say)(f'matplotlib: MPLBACKEND={wanted} cannot be used here ({why}); drawing to files only')
         import matplotlib.pyplot as plt
@@ -878,7 +883,8 @@ def end_well_if_the_display_goes(run, status):
         say(f'{"" if done else "error: "}the display went away (its X server connection was lost){what_stands}',
             error=True)
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(run.out_dir, LOCK_FILE))
+            if still_ours(run.out_dir, run.lock):
+                os.unlink(os.path.join(run.out_dir, LOCK_FILE))
         os._exit(0 if done else EXIT_RUNTIME)
     run.display_gone = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(display_gone)  # alive as long as the run
     ctypes.CDLL(library).XSetIOErrorHandler(run.display_gone)
@@ -1428,10 +1434,10 @@ def lock_file(path, or_else=''):
 def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
     """The run's folder, locked to this process for the run's life: `folder` (--out-dir, the resumed run's), or a
     new runs/<stamp>; one that holds any of the files `refused` (those the run would write over) is refused. Folders
-    this run created and left without a file are removed again. Without `claim` (the processes of a job other than
-    the first), the folder as it is."""
+    this run created and left without a file are removed again. Yields the folder and the lock's descriptor; without
+    `claim` (the processes of a job other than the first), the folder as it is and no lock."""
     if not claim:
-        yield folder
+        yield folder, None
         return
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise RunError(f'--out-dir {folder} is a file, not a folder')
@@ -1460,23 +1466,21 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
             raise UsageError(f'{folder} already holds {held[0]}' + (
                 f': continue its run with --resume {folder} or choose another --out-dir' if held[0] == 'model.pt' else
                 ', which this run would write over: choose another --out-dir'))
-        yield folder
+        yield folder, lock
     finally:
         with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(lock), os.stat(os.path.join(folder, LOCK_FILE))):  # (not another run's)
+            if still_ours(folder, lock):  # (a lock that another run took is left to it)
                 os.unlink(os.path.join(folder, LOCK_FILE))
         remove_created()
         os.close(lock)
 
 
-def check_still_ours(folder):
-    """The run's folder, before each write: moved while the run went on (and its name perhaps taken by another
-    run's folder), or its .lock removed (and perhaps taken by another run), it is written to no more."""
-    with contextlib.suppress(OSError), open(os.path.join(folder, LOCK_FILE)) as f:
-        if f.read().strip() == str(os.getpid()):
-            return
-    raise RunError(f"{folder} is no longer this run's (the folder was moved, or its {LOCK_FILE} removed, while the "
-                   'run went on): nothing more is written there')
+def still_ours(folder, lock):
+    """Whether `folder` still holds the lock this run took: not if the folder was moved away (its name perhaps another
+    run's folder's now), or its .lock removed (perhaps taken by another run). A run writes there only while it does."""
+    with contextlib.suppress(OSError):
+        return os.path.samestat(os.fstat(lock), os.stat(os.path.join(folder, LOCK_FILE)))
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -1914,7 +1918,7 @@ def train_and_report(config, world, checkpoint, status, wall_started):
     torch.backends.cudnn.deterministic = True  # on CUDA, the same seed gives the same run (no timed algorithm choice)
     join_process_group(world, device)
     refused = () if config.resume else OUTPUT_FILES  # a resumed run writes over its own files
-    with claimed_folder(config.out_dir, refused, claim=world.is_main) as out_dir:
+    with claimed_folder(config.out_dir, refused, claim=world.is_main) as (out_dir, lock):
         config = dataclasses.replace(config, out_dir=out_dir)
         status.out_dir = out_dir
         own = os.path.join(out_dir, 'model.pt')  # what resuming writes over: still the checkpoint this run read?
@@ -1930,11 +1934,11 @@ def train_and_report(config, world, checkpoint, status, wall_started):
         elif world.is_main:  # the pictures go to files with no backend: MPLBACKEND (a notebook's, say) is not used
             os.environ.pop('MPLBACKEND', None)
         if config.dry_run and checkpoint is None:  # the first epoch, and its checkpoint resumed for the second
-            with Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log) as first:
+            with Run(dataclasses.replace(config, epochs=1), world, device, mnist, None, log, lock) as first:
                 train_saving_on_failure(first, status)
             checkpoint = load_checkpoint(out_dir)
             log(f'dry run: resuming from {os.path.join(out_dir, "model.pt")}')
-        with Run(config, world, device, mnist, checkpoint, log) as run:
+        with Run(config, world, device, mnist, checkpoint, log, lock) as run:
             test = train_saving_on_failure(run, status)
             status.stage = Stage.OUTPUTS
             if world.is_main:
@@ -1983,6 +1987,8 @@ def main(argv=None):
 def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
     """The one place an exception becomes an exit code and, where the user can act on it, one line."""
     stage, status.stage = status.stage, Stage.STOPPING  # from here a signal ends the process at once, quietly
+    if isinstance(error.__cause__, Stopped):  # a stop signal in a compiled module's start-up (while pyplot or PIL is
+        error = error.__cause__               # imported) comes back as that module's ImportError from it
     if isinstance(error, KeyboardInterrupt):  # main() run from a thread that could not take the signals
         error = Stopped(signal.SIGINT, stage)
     if isinstance(error, SystemExit):  # --help

@@ -318,34 +318,40 @@ def test_a_held_folder_is_refused_for_a_resume_too(tmp_path, data_dir, monkeypat
     assert (run / 'model.pt').read_bytes() == before
 
 
-
-@pytest.mark.parametrize('how', ['its folder moved, and the name taken by another run', 'its .lock removed'])
+@pytest.mark.parametrize('how', ['its folder moved, and the name taken by another run', 'its .lock removed',
+                                 'its folder so moved while the test set is scored'])
 def test_a_run_whose_folder_is_taken_from_it_writes_nothing_more_there(tmp_path, data_dir, monkeypatch, capsys, how):
     other, run, moved = tmp_path / 'other', tmp_path / 'run', tmp_path / 'run.moved'
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(other)]) == 0
     others_files = {path.name: path.read_bytes() for path in other.iterdir()}
-    real_step, steps = tm.train_step, []
+    real_step, real_test_all, steps = tm.train_step, tm.Run.test_all, []
 
-    def step_then_lose_the_folder(*args):
-        steps.append(1)
-        if len(steps) == 3 and how.startswith('its folder'):
-            os.rename(run, moved)
-            os.rename(other, run)
-        elif len(steps) == 3:  # as a user might remove a lock that looks stale, and a second run then take it
+    def take_the_folder():
+        if 'lock' in how:  # as a user might remove a lock that looks stale, and a second run then take it
             (run / '.lock').unlink()
             (run / '.lock').write_text('12345\n')
+        else:
+            os.rename(run, moved)
+            os.rename(other, run)
+
+    def step_then_take(*args):
+        steps.append(1)
+        if len(steps) == 3 and 'scored' not in how:
+            take_the_folder()
         return real_step(*args)
-    monkeypatch.setattr(tm, 'train_step', step_then_lose_the_folder)
+    monkeypatch.setattr(tm, 'train_step', step_then_take)
+    monkeypatch.setattr(tm.Run, 'test_all', lambda self: ('scored' in how and take_the_folder()) or real_test_all(self))
     capsys.readouterr()
     assert tm.main([*FAST, '--save-every', '2', '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
     assert capsys.readouterr().err == (f"error: {run} is no longer this run's (the folder was moved, or its .lock "
                                        'removed, while the run went on): nothing more is written there\n')
-    if how.startswith('its folder'):
-        assert {path.name: path.read_bytes() for path in run.iterdir()} == others_files
-        assert torch.load(moved / 'model.pt', weights_only=True)['step'] == 2  # the run's own, where its folder went
-    else:
+    if 'lock' in how:
         assert (run / '.lock').read_text() == '12345\n'  # the other run's lock stays
         assert torch.load(run / 'model.pt', weights_only=True)['step'] == 2
+    else:
+        assert {path.name: path.read_bytes() for path in run.iterdir()} == others_files
+        assert torch.load(moved / 'model.pt', weights_only=True)['step'] == (12 if 'scored' in how else 2)
+
 
 @pytest.mark.parametrize('planted', ['.tmp-summary.json', '.lock'])
 def test_a_link_planted_in_the_run_folder_is_not_written_through(tmp_path, data_dir, planted, capsys):

@@ -275,7 +275,6 @@ def test_no_model_anywhere_says_how_to_train_one(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / 'runs').exists()
 
 
-
 def test_a_run_folder_whose_model_pt_is_a_folder_is_named_as_given(tmp_path, monkeypatch, capsys):
     (tmp_path / 'run' / 'model.pt').mkdir(parents=True)
     (tmp_path / 'one.png').write_bytes(_small_png())
@@ -357,7 +356,9 @@ def test_a_thin_stroke_is_seen_at_full_ink_as_mnists_are():
     drawing = Image.new('L', (600, 600), 'white')  # a 7 drawn with a paint program's 3-pixel pencil
     ImageDraw.Draw(drawing).line([(150, 100), (450, 100), (260, 500)], fill='black', width=3, joint='curve')
     assert pd.mnist_like(drawing).max() == 255  # (shrunk to 20 pixels, it was a faint 62)
-
+    one = Image.new('L', (600, 600), 'white')  # and a 1 as thin, its box under a pixel wide at 20 pixels high
+    ImageDraw.Draw(one).line([(300, 100), (306, 500)], fill='black', width=3)
+    assert pd.mnist_like(one).max() == 255
 
 
 def test_a_float_scan_with_pixels_that_are_no_numbers_is_a_line_without_numpys_warnings(glyphs, glyph_md5, tmp_path,
@@ -627,6 +628,7 @@ def test_a_large_jpeg_is_decoded_at_a_fraction_of_its_size(glyphs, glyph_md5, tm
 def test_threads_bounds_the_image_readers_too(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
     photo_like(glyphs['test_images'][0]).save(tmp_path / 'seven.png')
     workers, real, threads = [], pd.concurrent.futures.ThreadPoolExecutor, torch.get_num_threads()
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)  # (on a one-core machine the old readers were one too)
     monkeypatch.setattr(pd.concurrent.futures, 'ThreadPoolExecutor', lambda n: workers.append(n) or real(n))
     try:
         code, _, _ = predict([tmp_path / 'seven.png', '--threads', '1', '--model', glyphs['run'], '--out-dir',

@@ -410,3 +410,15 @@ def test_a_stop_signal_that_a_toolkits_start_up_wraps_in_its_own_error_still_sto
     assert tm.main([*TSNE_RUN, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 130
     assert capsys.readouterr().err == 'interrupted before training started; nothing was written\n'
     assert not run.exists()
+
+
+def test_a_stop_signal_so_wrapped_while_the_pictures_are_drawn_ends_as_a_stop_there(tmp_path, data_dir, monkeypatch,
+                                                                                    capsys):
+    def interrupted(*args):  # matplotlib's compiled modules start up as the first picture is drawn
+        raise ImportError('initialization failed') from tm.Stopped(signal.SIGINT, tm.Stage.OUTPUTS)
+    monkeypatch.setattr(tm, 'draw_pictures', interrupted)
+    run = tmp_path / 'run'
+    assert tm.main(['--no-tsne', '--device', 'cpu', '--log-interval', '4', '--data-dir', str(data_dir), '--out-dir',
+                    str(run)]) == 130
+    assert capsys.readouterr().err.startswith(f'interrupted while writing the final outputs; training is done and '
+                                              f'saved in {run}. Write them with: ')
