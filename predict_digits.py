@@ -65,10 +65,10 @@ def mnist_like(image):
         grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
     else:
         grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127:  # light paper: the ink becomes light on dark, as in MNIST
-        grey, border = 255 - grey, 255 - border
-    paper, ink = np.median(border), grey.max()
+    paper = np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))  # read at the image's edge
+    if paper > 127:  # light paper: the ink becomes light on dark, as in MNIST
+        grey, paper = 255 - grey, 255 - paper
+    ink = grey.max()
     if ink - paper < MIN_INK_CONTRAST:
         raise ValueError('no ink: the image is blank')
     level = np.clip((grey - paper) / (ink - paper), 0, 1)
