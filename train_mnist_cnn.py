@@ -345,7 +345,7 @@ class Progress:
 class Run:
     """One training run: its settings, data, model, optimizer, progress and t-SNE film."""
 
-    def __init__(self, config, world, device, mnist, checkpoint, log, lock=None):
+    def __init__(self, config, world, device, mnist, checkpoint, log, lock):
         self.config, self.world, self.device, self.log = config, world, device, log
         self.out_dir, self.lock = config.out_dir, lock  # the run folder, and the .lock it holds (see claimed_folder)
         self.train_images, self.train_labels = mnist['train_images'].to(device), mnist['train_labels'].to(device)
