@@ -42,6 +42,7 @@ if __name__ == '__main__':  # a signal while torch is imported (the first second
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import train_mnist_cnn as tm
 from train_mnist_cnn import CNN, to_unit_range
@@ -54,19 +55,18 @@ PICTURE_MOST = 32      # images shown in predictions.png, the least confident fi
 
 
 def mnist_like(image):
-    """A digit image (PIL) prepared as MNIST's digits were (LeCun, Cortes and Burges): light ink on black, the ink's
-    box scaled so its longer side is 20 pixels (aspect kept, antialiased) and its strongest ink full, placed in 28x28
-    with its centre of mass on pixel (14, 14), where MNIST's lie (14.0 +- 0.3 in rows and columns). 28x28 uint8."""
-    from PIL import Image, ImageOps
+    """A digit image (PIL, as opened_image gives it) prepared as MNIST's digits were (LeCun, Cortes and Burges): light
+    ink on black, the ink's box scaled so its longer side is 20 pixels (aspect kept, antialiased) and its strongest ink
+    full, placed in 28x28 with its centre of mass on pixel (14, 14), where MNIST's lie (14.0 +- 0.3). 28x28 uint8."""
     if image.mode in ('I', 'F') or image.mode.startswith('I;16'):  # a 16-bit or float scan: its own range,
-        grey = np.asarray(ImageOps.exif_transpose(image), dtype=np.float64)  # not clipped to 8 bits
+        grey = np.asarray(image, dtype=np.float64)  # not clipped to 8 bits
         if not np.isfinite(grey).all():  # (a float scan's NaN would make every level NaN)
             raise ValueError('its pixels are not all finite numbers (NaN or infinity)')
         grey = (grey - grey.min()) * (255 / max(float(grey.max() - grey.min()), 1e-12))
     else:
-        grey = np.asarray(on_white(image).convert('L'), dtype=np.float32)
+        grey = np.asarray(image.convert('RGB').convert('L'), dtype=np.float32)  # (Pillow takes LAB to grey via RGB)
     paper = np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))  # read at the image's edge
-    if paper > 127:  # light paper: the ink becomes light on dark, as in MNIST
+    if paper - grey.min() > grey.max() - paper:  # ink darker than its paper becomes light on dark, as in MNIST
         grey, paper = 255 - grey, 255 - paper
     ink = grey.max()
     if ink - paper < MIN_INK_CONTRAST:
@@ -87,45 +87,42 @@ def mnist_like(image):
     return np.asarray(placed)
 
 
-def on_white(image):
-    """The image the way up it was taken (EXIF), on white: a web canvas draws dark strokes on transparent pixels."""
-    from PIL import Image, ImageOps
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-    return image.convert('RGB')
-
-
 @contextlib.contextmanager
 def opened_image(path):
-    """Pillow's image at `path`, decoded, or ValueError saying why."""
-    from PIL import Image, UnidentifiedImageError
+    """Pillow's image at `path`, decoded, upright (EXIF), at most 1024x1024 and on white where it is transparent (a web
+    canvas draws dark strokes on transparent pixels), or ValueError saying why."""
     try:
         with Image.open(path) as image:
-            image.draft(None, (1024, 1024))  # a JPEG decoded at 1/2 to 1/8 of its size where that leaves 1024 pixels:
-            image.load()                     # a 48 MP photo in an eighth of the time and memory
+            image.thumbnail((1024, 1024), reducing_gap=1.0)  # memory stays small; a JPEG is decoded at 1/2 to 1/8 of
+            image.load()                                      # its size: a 48 MP photo in an eighth of the time
+            with contextlib.suppress(Exception):  # an EXIF too damaged for Pillow to write back: the image as stored
+                image = ImageOps.exif_transpose(image)
+            if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+                image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
             yield image
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
     except Image.DecompressionBombError as e:
         raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
-    except (OSError, SyntaxError) as e:  # Pillow's words for a damaged file
-        raise ValueError(f'cannot be read ({e})') from None
+    except (ValueError, MemoryError):  # mnist_like's reasons; memory is read_entry's to say
+        raise
+    except Exception as e:  # Pillow's words for a damaged or crafted file (OSError, NotImplementedError, ...)
+        raise ValueError(f'cannot be read ({tm.one_line(e)})') from None
 
 
 def images_to_read(paths):
     """Files as given; folders' images (Pillow's extensions, no hidden files), subfolders too but not runs' folders,
     in name order; a folder without any as itself."""
-    from PIL import Image
     extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
     for path in paths:
         found = 0
         for folder, subfolders, names in os.walk(path):  # (nothing for what is no folder)
             subfolders[:] = sorted(name for name in subfolders if not name.startswith('.') and not any(  # a run's
-                os.path.exists(os.path.join(folder, name, file)) for file in (*tm.RUN_FILES, 'predictions.csv')))
+                os.path.exists(os.path.join(folder, name, file)) for file in ('model.pt', 'predictions.csv')))
             for name in sorted(names):
                 file = os.path.join(folder, name)
                 if not name.startswith('.') and os.path.splitext(name)[1].lower() in extensions \
+                        and not (name == 'predictions.png' and 'predictions.csv' in names) \
                         and (os.path.isfile(file) or os.path.islink(file)):
                     found += 1
                     yield file
@@ -136,9 +133,8 @@ def images_to_read(paths):
 def read_entry(path):
     """(path, the 28x28 seen) for an image read, (path, why) for one that cannot be."""
     if not os.path.isfile(path):
-        why = ('a folder with no image Pillow opens' if os.path.isdir(path) else 'not a file (a pipe, a device?)'
-               if os.path.exists(path) else 'a link to nothing' if os.path.islink(path) else 'no such file')
-        return path, why
+        return path, ('a folder with no image Pillow opens' if os.path.isdir(path) else 'not a file (a pipe, a device?)'
+                      if os.path.exists(path) else 'a link to nothing' if os.path.islink(path) else 'no such file')
     try:
         with opened_image(path) as image:
             return path, mnist_like(image)
@@ -258,7 +254,7 @@ def as_given(path, size=96):
     """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
     try:
         with opened_image(path) as image:
-            given = on_white(image)
+            given = image.convert('RGB')
             given.thumbnail((size, size))
             return np.asarray(given)
     except ValueError:  # changed on disk since it was read
@@ -299,7 +295,8 @@ def predict(args, status, log):
     device = tm.resolve_device(args.device, tm.World())
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_file = args.model or max(glob.glob(os.path.join('runs', '*', 'model.pt')), key=os.path.getmtime, default='')
+    found = [path for path in glob.glob(os.path.join('runs', '*', 'model.pt')) if os.path.isfile(path)]
+    model_file = args.model or max(found, key=os.path.getmtime, default='')
     if not model_file:
         raise tm.RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
                           'or name one with --model')
@@ -319,16 +316,17 @@ def predict(args, status, log):
         entries = images_to_read(args.images)
         with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
             counts, shown = predict_all(model, device, entries, csv.writer(table), log, args.threads or os.cpu_count())
+            if not counts['read']:
+                raise tm.RunError('no image could be read: nothing was written')
         status.stage = Stage.DRAWING
         read, seconds = counts['read'], time.perf_counter() - started
         log(f'done: {read} image{"s" * (read != 1)} predicted in {seconds:.1f} s ({read / max(seconds, 1e-9):.0f} '
             f'images/s), {counts["failed"]} could not be read; files in {out_dir}')
-        if shown:
-            live = tm.interactive_backend(log)  # first: a backend that cannot work here is replaced by Agg
-            film = film_for_predictions(run_dir, args.data_dir, model, device, log)
-            tm.save_figure(draw_predictions(shown, read, film), picture)
-            if tm.someone_at_the_terminal() and live:  # shown until its window is closed, or a stop signal
-                tm.show_until_closed(status, picture)
+        live = tm.interactive_backend(log)  # first: a backend that cannot work here is replaced by Agg
+        film = film_for_predictions(run_dir, args.data_dir, model, device, log)
+        tm.save_figure(draw_predictions(shown, read, film), picture)
+        if tm.someone_at_the_terminal() and live:  # shown until its window is closed, or a stop signal
+            tm.show_until_closed(status, picture)
     return tm.EXIT_RUNTIME if counts['failed'] else 0
 
 

@@ -370,7 +370,8 @@ def test_a_float_scan_with_pixels_that_are_no_numbers_is_a_line_without_numpys_w
         warnings.simplefilter('always')
         code, _, err = predict([tmp_path / 'nan.tiff', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
     assert code == 1 and [str(w.message) for w in seen] == []
-    assert err == f'{tmp_path / "nan.tiff"}: its pixels are not all finite numbers (NaN or infinity)\n'
+    assert err == (f'{tmp_path / "nan.tiff"}: its pixels are not all finite numbers (NaN or infinity)\n'
+                   'error: no image could be read: nothing was written\n')
 
 @pytest.mark.parametrize('name, shown', [(b'x\xffy.png', 'x\\xffy.png'), (b'two\nlines.png', 'two\\nlines.png'),
                                          ('a\x85b\u2028c.png'.encode(), 'a\\x85b\\u2028c.png')])
@@ -613,15 +614,22 @@ def test_a_second_stop_signal_ends_at_once_while_an_image_is_read(glyphs, tmp_pa
 
 
 def test_a_large_jpeg_is_decoded_at_a_fraction_of_its_size(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    from PIL import JpegImagePlugin
     photo_like(glyphs['test_images'][0], scale=60, offset=(300, 200), size=(2400, 2100)).save(tmp_path / 'big.jpg')
-    sizes, real = [], pd.mnist_like
+    sizes, real_draft, real = [], JpegImagePlugin.JpegImageFile.draft, pd.mnist_like
+
+    def draft(image, *args):
+        result = real_draft(image, *args)
+        sizes.append(image.size)
+        return result
 
     def prepared(image):
         sizes.append(image.size)
         return real(image)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', draft)
     monkeypatch.setattr(pd, 'mnist_like', prepared)
     code, out, _ = predict([tmp_path / 'big.jpg', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
-    assert code == 0 and sizes == [(1200, 1050)]  # half of 2400x2100: the smallest scale that keeps 1024 pixels
+    assert code == 0 and sizes[:2] == [(1200, 1050), (1024, 896)]  # decoded at half: the smallest scale keeping 1024
     assert f'big.jpg: {glyphs["predicted"][0]} (' in out
 
 
@@ -636,3 +644,101 @@ def test_threads_bounds_the_image_readers_too(glyphs, glyph_md5, tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     assert code == 0 and workers == [1]
+
+
+def crafted_dds(path):
+    """A DDS whose pixel format flags are zero: Pillow opens it and then raises NotImplementedError."""
+    Image.new('RGBA', (8, 8), 'white').save(path)
+    data = bytearray(path.read_bytes())
+    data[80:84] = bytes(4)
+    path.write_bytes(bytes(data))
+
+
+def exif_that_cannot_be_written_back(photo, path):
+    """A JPEG whose EXIF holds text under a tag that Pillow writes as a fraction, beside an orientation: turning it
+    upright, Pillow writes the EXIF back and fails on it."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0131] = 6, 'software'
+    raw = exif.tobytes().replace(b'\x01\x31\x00\x02', b'\x01\x1f\x00\x02')  # the text retagged as YPosition
+    photo.save(path, exif=raw)
+
+
+def test_files_pillow_fails_on_in_its_own_ways_are_a_line_or_read_as_stored(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'in'
+    crafted_dds(folder.mkdir() or folder / 'a-crafted.dds')
+    exif_that_cannot_be_written_back(photo_like(glyphs['test_images'][0]), folder / 'b-phone.jpg')
+    one_photo(glyphs, folder, 'c-good.png', 1)
+    code, out, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 1 and err.startswith(f'{folder}/a-crafted.dds: cannot be read (') and len(err.splitlines()) == 1
+    assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == \
+        ['b-phone.jpg', 'c-good.png']
+
+
+@pytest.mark.parametrize('paper, ink', [(120, 20), (140, 250), (90, 220)])
+def test_the_ink_is_told_from_the_paper_by_contrast_not_by_the_papers_brightness(glyphs, paper, ink):
+    digit = glyphs['test_images'][5]  # dark ink on dim paper, chalk on a mid-grey board, light ink on dark paper
+    seen = pd.mnist_like(photo_like(digit, paper=paper, ink=ink))
+    assert seen[0, 0] == 0 and np.corrcoef(seen.ravel(), digit.ravel())[0, 1] > 0.9
+
+
+def test_a_large_image_is_shrunk_to_1024_pixels_before_it_is_prepared(glyphs, glyph_md5, tmp_path, monkeypatch,
+                                                                       capsys):
+    photo_like(glyphs['test_images'][0], scale=60, offset=(300, 200), size=(3000, 2100)).save(tmp_path / 'big.png')
+    scan = photo_like(glyphs['test_images'][2], scale=60, offset=(300, 200), size=(2100, 2100)).convert('L')
+    Image.fromarray(np.asarray(scan) > 120).save(tmp_path / 'scan.png')  # bilevel, as a fax or a scanner makes
+    sizes, real = [], pd.mnist_like
+
+    def prepared(image):
+        sizes.append(image.size)
+        return real(image)
+    monkeypatch.setattr(pd, 'mnist_like', prepared)
+    code, out, _ = predict([tmp_path / 'big.png', tmp_path / 'scan.png', '--model', glyphs['run'], '--out-dir',
+                            tmp_path / 'out'], capsys)
+    assert code == 0 and sorted(sizes) == [(1024, 717), (1024, 1024)]
+    assert f'big.png: {glyphs["predicted"][0]} (' in out and f'scan.png: {glyphs["predicted"][2]} (' in out
+
+
+def test_a_folder_given_twice_does_not_read_the_picture_written_into_it(glyphs, glyph_md5, tmp_path, capsys):
+    folder = tmp_path / 'in'
+    one_photo(glyphs, folder)
+    assert predict([folder, '--model', glyphs['run'], '--out-dir', folder], capsys)[0] == 0
+    assert predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)[0] == 0
+    assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == ['one.png']
+
+
+def test_a_subfolder_holding_a_file_named_as_a_runs_summary_is_still_read(glyphs, glyph_md5, tmp_path, capsys):
+    one_photo(glyphs, tmp_path / 'in' / 'batch', 'a.png')
+    (tmp_path / 'in' / 'batch' / 'summary.json').write_text('{}')
+    (tmp_path / 'in' / 'batch' / 'metrics.csv').write_text('x\n')
+    assert predict([tmp_path / 'in', '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)[0] == 0
+    assert [os.path.basename(r['file']) for r in read_csv(tmp_path / 'out' / 'predictions.csv')] == ['a.png']
+
+
+def test_a_broken_model_pt_among_the_runs_is_passed_over_by_the_default(glyphs, glyph_md5, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(glyphs['run'], tmp_path / 'runs' / 'good')
+    (tmp_path / 'runs' / 'gone').mkdir()
+    (tmp_path / 'runs' / 'gone' / 'model.pt').symlink_to(tmp_path / 'nothing')
+    (tmp_path / 'runs' / 'folder' / 'model.pt').mkdir(parents=True)
+    code, out, err = predict([one_photo(glyphs, tmp_path / 'in')], capsys)
+    assert code == 0 and err == '' and out.startswith('model: runs/good/model.pt (')
+
+
+def test_when_no_image_can_be_read_nothing_is_written(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = predict(['nosuch.png', '--model', glyphs['run']], capsys)
+    assert code == 1 and err == 'nosuch.png: no such file\nerror: no image could be read: nothing was written\n'
+    assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('mode', ['1', 'L', 'P', 'LA', 'RGB', 'RGBA', 'CMYK', 'LAB', 'YCbCr'])
+def test_a_photo_in_any_of_pillows_modes_is_read_as_the_same_digit(glyphs, tmp_path, mode):
+    photo = photo_like(glyphs['test_images'][0], paper=220, ink=20)
+    grey = mnist_photo = pd.mnist_like(photo)
+    photo = (Image.fromarray(np.asarray(photo.convert('L')) > 120) if mode == '1' else
+             photo.quantize(32, dither=Image.Dither.NONE) if mode == 'P' else photo.convert(mode))
+    photo.save(tmp_path / 'photo.tiff')
+    with pd.opened_image(tmp_path / 'photo.tiff') as image:
+        seen = pd.mnist_like(image)
+    assert np.corrcoef(seen.ravel(), grey.ravel())[0, 1] > 0.9 and mnist_photo[0, 0] == seen[0, 0] == 0
