@@ -988,7 +988,7 @@ class Stopped(BaseException):
 
     def __init__(self, signum, stage):
         super().__init__(signal.Signals(signum).name)
-        self.exit_code, self.stage = 0 if stage is Stage.DONE else 128 + signum, stage
+        self.signum, self.stage, self.exit_code = signum, stage, 0 if stage is Stage.DONE else 128 + signum
 
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -1442,15 +1442,16 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
         return
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise RunError(f'--out-dir {folder} is a file, not a folder')
-    created, path = [], os.path.abspath(folder or 'runs')  # the folders made here, deepest first
+    created, path = [], os.path.join(os.getcwd(), folder or 'runs')  # the folders made here, deepest first
     while not os.path.exists(path):
-        created.append(path)
+        if not os.path.exists(os.path.realpath(path)):  # (for x/../y, makedirs makes x, and y if it is not there)
+            created.append(path)
         path = os.path.dirname(path)
 
     def remove_created():
-        with contextlib.suppress(OSError):
-            for path in created:
-                os.rmdir(path)  # fails, and so stops, at the first folder that holds something
+        for path in created:
+            with contextlib.suppress(OSError):  # one that holds something, or was never made, stays as it is
+                os.rmdir(path)
     try:
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -1892,10 +1893,20 @@ def signals_handled(status):
             stage, status.stage, status.stopped_at = status.stage, Stage.STOPPING, time.monotonic()
             raise Stopped(signum, stage)
 
-    previous = {s: signal.signal(s, handle) for s in stop_signals()}
+    # Python prints and drops an exception raised in a __del__ or a weakref callback (a garbage collection while the
+    # pictures are drawn): a stop raised there is raised again once this hook has returned, unless the run has ended
+    def raise_again(unraisable):
+        if not isinstance(unraisable.exc_value, Stopped):
+            return hook(unraisable)
+        status.stage, signum = unraisable.exc_value.stage, unraisable.exc_value.signum
+        threading.Timer(0.01, lambda: status.stage is Stage.STOPPING or signal.raise_signal(signum)).start()
+
+    previous, hook = {s: signal.signal(s, handle) for s in stop_signals()}, sys.unraisablehook
+    sys.unraisablehook = raise_again
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler)
 

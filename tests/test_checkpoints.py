@@ -806,3 +806,37 @@ def test_the_resume_command_for_a_folder_named_like_a_flag_works_as_printed(monk
     monkeypatch.setattr(sys, 'argv', ['train_mnist_cnn.py'])
     assert tm.resume_command('-x', tm.World()).endswith(' train_mnist_cnn.py --resume ./-x')
     assert tm.resume_command('runs/a b', tm.World()).endswith(" train_mnist_cnn.py --resume 'runs/a b'")
+
+
+def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_run(tmp_path, data_dir, monkeypatch, capsys):
+    """Python prints and drops an exception raised in a __del__ or a weakref callback (a garbage collection in the
+    middle of drawing the pictures, say): a stop signal handled there is sent again, and the run stops in its line."""
+    real_draw = tm.draw_pictures
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # (its handler runs here, inside the finalizer)
+
+    def draw_while_collecting(*args):
+        Finalized()
+        return real_draw(*args)
+    monkeypatch.setattr(tm, 'draw_pictures', draw_while_collecting)
+    run = tmp_path / 'run'
+    code = tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)])
+    err = capsys.readouterr().err
+    assert code == 130 and err.startswith('interrupted while writing the final outputs; training is done and saved')
+    assert 'Exception ignored' not in err and not (run / 'summary.json').exists()
+
+
+@pytest.mark.parametrize('out_dir', ['runs/typo/../a', 'new/deeper/' + 'a' * 300, 'typo/../kept'])
+def test_a_failed_run_leaves_the_folders_it_made_and_only_those_removed(tmp_path, monkeypatch, capsys, out_dir):
+    work = tmp_path / 'work'
+    (work / 'runs' / 'a').mkdir(parents=True)
+    (work / 'runs' / 'a' / 'model.pt').write_bytes(b'an earlier run')
+    (work / 'kept').mkdir()  # an empty folder of the user's, which typo/../kept names
+    monkeypatch.chdir(work)
+    flags = ['--no-download', '--data-dir', str(tmp_path / 'no-data'), '--out-dir', out_dir]
+    assert tm.main([*FAST, *flags]) in (1, 2)  # held, a name too long, no data
+    assert capsys.readouterr().err.startswith(('usage error: runs/typo/../a already holds model.pt', 'error: '))
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob('*')) == ['kept', 'runs', 'runs/a',
+                                                                              'runs/a/model.pt']
