@@ -481,8 +481,10 @@ class Run:
                            'while the run went on): nothing more is written there')
 
     def save_after_failure(self):
-        """Training failed (memory, say): the steps since the last checkpoint are kept if they can be."""
-        if self.world.size == 1 and self.progress.step > self.saved_step and all(
+        """Training failed (memory, say, or another process of the job): the steps since the last checkpoint are kept
+        if they can be. (Under torchrun the main process's weights and Adam state are those of its last whole step:
+        a step that failed in its gradients' all-reduce had not stepped Adam yet.)"""
+        if self.world.is_main and self.progress.step > self.saved_step and all(
                 bool(p.isfinite().all()) for p in self.model.parameters()):
             with contextlib.suppress(Exception):  # (a full disk: the last checkpoint written stands)
                 self.save(None)

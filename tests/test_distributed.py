@@ -134,14 +134,19 @@ def test_processes_come_from_torchruns_variables(monkeypatch, env, expected):
     assert tm.world_from_env() == expected
 
 
-def test_survivors_of_a_killed_process_say_so_in_one_line(tmp_path, data_dir, fixture_checksums):
+def test_survivors_of_a_killed_process_say_so_in_one_line_and_keep_the_steps_trained(tmp_path, data_dir,
+                                                                                      fixture_checksums):
     logs = tmp_path / 'logs'
     out = torchrun(tmp_path, fixture_checksums, [*FAST, '--data-dir', data_dir, '--out-dir', tmp_path / 'run'],
                    env_changes={'FAIL_RANK': '1', 'FAIL_HOW': 'SIGKILL'}, timeout=180,
                    launch=('--standalone', '--redirects', '3', '--log-dir', str(logs)))
     assert out.returncode != 0
-    [survivor] = logs.glob('*/attempt_0/0/stderr.log')
+    [survivor], [said] = logs.glob('*/attempt_0/0/stderr.log'), logs.glob('*/attempt_0/0/stdout.log')
     assert survivor.read_text() == '[rank 0] error: another process of the job failed; its own output says why\n'
+    assert 'checkpoint saved at step 2; resume with: torchrun --nproc_per_node=2 ' in said.read_text()
+    checkpoint = torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)
+    assert checkpoint['step'] == 2 and checkpoint['optimizer']['state'][0]['step'].item() == 2
+    assert tm.main(['--resume', str(tmp_path / 'run')]) == 0  # (in one process)
 
 
 def free_port_below_the_ephemeral_range():
