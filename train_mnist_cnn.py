@@ -522,7 +522,7 @@ class Run:
         confusion = torch.bincount(self.test_labels * 10 + test.predictions, minlength=100).reshape(10, 10)
         draw_pictures(self.out_dir, progress.metrics, confusion.cpu().numpy(),
                       self.train_images[:32, 0].cpu().numpy(), self.train_labels[:32].tolist())
-        film_stats = self.film.close() if self.film is not None else {}
+        film_stats = self.film.close(self.check_folder) if self.film is not None else {}
         summary = {
             'test_accuracy': test.accuracy, 'test_loss': test.loss, 'epochs': progress.epoch, 'steps': progress.step,
             'train_seconds': round(train_seconds, 3),
@@ -535,6 +535,7 @@ class Run:
         }
         if self.board is not None and not self.board_holds_the_end():
             self.write_board(test)
+        self.check_folder()  # (again: the film's GIF took seconds)
         write_atomic(os.path.join(self.out_dir, 'summary.json'), (json.dumps(summary, indent=2) + '\n').encode())
         self.log(f'{"dry run " if config.dry_run else ""}done: test accuracy {test.accuracy:.4f}, '
                  f'{train_seconds:.1f} s training; files in {self.out_dir}')
@@ -694,13 +695,14 @@ class TsneFilm:
             import matplotlib.pyplot as plt
             plt.close(self.window.fig)
 
-    def close(self):
-        """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz; returns the film's figures."""
+    def close(self, check_folder=lambda: None):
+        """Finish the queued frames and write tsne.gif, tsne.png and tsne.npz, the run's folder checked before they are
+        written; returns the film's figures."""
         self.show_ready(wait=True)
         self.worker.shutdown()
         if not self.embeddings:
             return {}
-        self.write_gif(os.path.join(self.out_dir, 'tsne.gif'))
+        self.write_gif(os.path.join(self.out_dir, 'tsne.gif'), check_folder)
         frames = np.stack(self.embeddings)
         with atomic_path(os.path.join(self.out_dir, 'tsne.npz')) as tmp:
             np.savez(tmp, embeddings=frames, labels=self.labels, steps=np.array(self.steps),
@@ -713,7 +715,7 @@ class TsneFilm:
                      f'({one_line(e)})')
         return figures
 
-    def write_gif(self, path):
+    def write_gif(self, path, check_folder):
         """The GIF: each embedded frame held, GLIDE_FRAMES interpolated ones between, the last held longest;
         and tsne.png, the last frame at a higher resolution. Pillow writes the GIF rather than
         matplotlib.animation.PillowWriter: it takes a duration per frame, and palette frames (a quarter of
@@ -737,6 +739,7 @@ class TsneFilm:
             images.append(image.quantize(palette=palette, dither=Image.Dither.NONE))
             durations.append(duration)
         durations[-1] = LAST_HOLD_MS
+        check_folder()  # (drawing the frames took seconds)
         with atomic_path(path) as tmp:
             images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:], duration=durations, loop=0)
         figure.still(os.path.join(self.out_dir, 'tsne.png'), PNG_DPI)
@@ -1472,10 +1475,10 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
                 ', which this run would write over: choose another --out-dir'))
         yield folder, lock
     finally:
-        with contextlib.suppress(OSError):
-            if still_ours(folder, lock):  # (a lock that another run took is left to it)
+        if still_ours(folder, lock):  # (a folder, or a lock, that another run took is left to it)
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, LOCK_FILE))
-        remove_created()
+            remove_created()
         os.close(lock)
 
 

@@ -840,3 +840,22 @@ def test_a_failed_run_leaves_the_folders_it_made_and_only_those_removed(tmp_path
     assert capsys.readouterr().err.startswith(('usage error: runs/typo/../a already holds model.pt', 'error: '))
     assert sorted(p.relative_to(work).as_posix() for p in work.rglob('*')) == ['kept', 'runs', 'runs/a',
                                                                               'runs/a/model.pt']
+
+
+@pytest.mark.parametrize('film', [[], ['--tsne', '--tsne-points', '100', '--log-interval', '6']])
+def test_a_folder_taken_while_the_final_outputs_are_written_gets_none_of_them(tmp_path, data_dir, monkeypatch,
+                                                                               capsys, film):
+    """The film's GIF takes seconds to draw: a folder moved meanwhile, and another put under its name, is checked
+    again before the GIF and summary.json are written."""
+    run, moved = tmp_path / 'run', tmp_path / 'moved'
+    real_draw = tm.draw_pictures
+
+    def draw_then_take(*args):
+        real_draw(*args)
+        os.rename(run, moved)
+        run.mkdir()  # another run's folder, say
+    monkeypatch.setattr(tm, 'draw_pictures', draw_then_take)
+    monkeypatch.setenv('MPLBACKEND', 'agg')
+    assert tm.main([*FAST, *film, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {run} is no longer this run's")
+    assert list(run.iterdir()) == [] and (moved / 'model.pt').exists()
