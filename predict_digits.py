@@ -66,7 +66,8 @@ def mnist_like(image):
     else:
         grey = np.asarray(image.convert('RGB').convert('L'), dtype=np.float32)  # (Pillow takes LAB to grey via RGB)
     paper = np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))  # read at the image's edge
-    if paper - grey.min() > grey.max() - paper:  # ink darker than its paper becomes light on dark, as in MNIST
+    darker, lighter = (grey < paper - MIN_INK_CONTRAST).sum(), (grey > paper + MIN_INK_CONTRAST).sum()
+    if darker > lighter or darker == lighter and paper > 127:  # dark ink, the more of the two: light on dark, as MNIST
         grey, paper = 255 - grey, 255 - paper
     ink = grey.max()
     if ink - paper < MIN_INK_CONTRAST:
@@ -87,24 +88,26 @@ def mnist_like(image):
     return np.asarray(placed)
 
 
-@contextlib.contextmanager
 def opened_image(path):
-    """Pillow's image at `path`, decoded, upright (EXIF), at most 1024x1024 and on white where it is transparent (a web
-    canvas draws dark strokes on transparent pixels), or ValueError saying why."""
+    """Pillow's image at `path`, decoded, upright (EXIF), on white where it is transparent (a web canvas draws dark
+    strokes on transparent pixels) and at most 1024x1024, or ValueError saying why."""
     try:
         with Image.open(path) as image:
-            image.thumbnail((1024, 1024), reducing_gap=1.0)  # memory stays small; a JPEG is decoded at 1/2 to 1/8 of
-            image.load()                                      # its size: a 48 MP photo in an eighth of the time
-            with contextlib.suppress(Exception):  # an EXIF too damaged for Pillow to write back: the image as stored
-                image = ImageOps.exif_transpose(image)
-            if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-                image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-            yield image
+            image.draft(None, (1024, 1024))  # a JPEG decoded at 1/2 to 1/8 of its size where that leaves 1024 pixels:
+            image.load()                     # a 48 MP photo in an eighth of the time and memory
+        with contextlib.suppress(Exception):  # an EXIF too damaged for Pillow to write back: the image as stored
+            image = ImageOps.exif_transpose(image)
+        if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+            image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
+        if image.mode in ('1', 'P') or image.mode.startswith('I;16'):  # modes Pillow shrinks badly, or not at all
+            image = image.convert('I' if image.mode.startswith('I;16') else 'RGB')
+        image.thumbnail((1024, 1024))  # memory stays small from here on, in every reader thread
+        return image
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
     except Image.DecompressionBombError as e:
         raise ValueError(f'refused as a decompression bomb ({str(e).split(",")[0]})') from None
-    except (ValueError, MemoryError):  # mnist_like's reasons; memory is read_entry's to say
+    except MemoryError:  # read_entry's to say
         raise
     except Exception as e:  # Pillow's words for a damaged or crafted file (OSError, NotImplementedError, ...)
         raise ValueError(f'cannot be read ({tm.one_line(e)})') from None
@@ -136,8 +139,7 @@ def read_entry(path):
         return path, ('a folder with no image Pillow opens' if os.path.isdir(path) else 'not a file (a pipe, a device?)'
                       if os.path.exists(path) else 'a link to nothing' if os.path.islink(path) else 'no such file')
     try:
-        with opened_image(path) as image:
-            return path, mnist_like(image)
+        return path, mnist_like(opened_image(path))
     except (ValueError, MemoryError) as e:
         return path, str(e) or 'too large for the memory left'
 
@@ -253,10 +255,9 @@ def draw_predictions(shown, total, film):
 def as_given(path, size=96):
     """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
     try:
-        with opened_image(path) as image:
-            given = image.convert('RGB')
-            given.thumbnail((size, size))
-            return np.asarray(given)
+        given = opened_image(path).convert('RGB')
+        given.thumbnail((size, size))
+        return np.asarray(given)
     except ValueError:  # changed on disk since it was read
         return np.full((size, size, 3), 255, dtype=np.uint8)
 

@@ -739,6 +739,37 @@ def test_a_photo_in_any_of_pillows_modes_is_read_as_the_same_digit(glyphs, tmp_p
     photo = (Image.fromarray(np.asarray(photo.convert('L')) > 120) if mode == '1' else
              photo.quantize(32, dither=Image.Dither.NONE) if mode == 'P' else photo.convert(mode))
     photo.save(tmp_path / 'photo.tiff')
-    with pd.opened_image(tmp_path / 'photo.tiff') as image:
-        seen = pd.mnist_like(image)
+    seen = pd.mnist_like(pd.opened_image(tmp_path / 'photo.tiff'))
     assert np.corrcoef(seen.ravel(), grey.ravel())[0, 1] > 0.9 and mnist_photo[0, 0] == seen[0, 0] == 0
+
+
+def test_a_16_bit_scan_of_a_page_is_shrunk_and_read(glyphs, tmp_path):
+    photo = photo_like(glyphs['test_images'][0], scale=60, offset=(500, 700), size=(2480, 3508))
+    Image.fromarray(np.asarray(photo.convert('L')).astype(np.uint16) * 257).save(tmp_path / 'scan16.png')
+    seen = pd.mnist_like(pd.opened_image(tmp_path / 'scan16.png'))
+    assert np.corrcoef(seen.ravel(), pd.mnist_like(photo).ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize('mode', ['1', 'P', 'PA'])
+def test_a_large_bilevel_or_palette_image_keeps_its_thin_strokes_and_its_transparency(tmp_path, mode):
+    drawing = Image.new('L', (4000, 4000), 255)
+    ImageDraw.Draw(drawing).line([(1200, 1002), (2800, 1002), (1600, 3000)], fill=0, width=2)  # a thin 7
+    if mode == 'PA':  # dark strokes on transparent pixels, in a palette
+        canvas = Image.new('RGBA', drawing.size, (0, 0, 0, 0))
+        canvas.putalpha(Image.fromarray(255 - np.asarray(drawing)))
+        canvas.convert(mode).save(tmp_path / 'drawing.tiff')
+    else:
+        drawing.convert(mode, dither=Image.Dither.NONE).save(tmp_path / 'drawing.png')
+    seen = pd.mnist_like(pd.opened_image(next(tmp_path.glob('drawing.*'))))
+    assert np.corrcoef(seen.ravel(), pd.mnist_like(drawing).ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize('speck', ['one white pixel', 'a glare'])
+def test_a_speck_lighter_than_the_paper_does_not_turn_the_ink_around(glyphs, speck):
+    photo = np.asarray(photo_like(glyphs['test_images'][5], paper=140, ink=40)).copy()
+    if speck == 'a glare':
+        photo[80:95, 100:120] = 255
+    else:
+        photo[60, 100] = 255
+    seen = pd.mnist_like(Image.fromarray(photo))
+    assert np.corrcoef(seen.ravel(), glyphs['test_images'][5].ravel())[0, 1] > 0.9
