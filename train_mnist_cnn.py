@@ -24,6 +24,7 @@ Reading order: the configuration, the network, the training step and evaluation,
 t-SNE film, the pictures; below them the machinery (flags, data, files, the run folder, Adam, checkpoints,
 processes, signals), then main.
 """
+import _thread
 import argparse
 import collections
 import concurrent.futures
@@ -482,9 +483,12 @@ class Run:
 
     def save_after_failure(self):
         """Training failed (memory, say, or another process of the job): the steps since the last checkpoint are kept
-        if they can be. (Under torchrun the main process's weights and Adam state are those of its last whole step:
-        a step that failed in its gradients' all-reduce had not stepped Adam yet.)"""
-        if self.world.is_main and self.progress.step > self.saved_step and all(
+        if they can be. Under torchrun on CPUs too: Gloo's all-reduce of a step's gradients fails inside backward(),
+        before Adam steps, so the main process's weights and Adam state are those of its last whole step. NCCL's
+        fails later, on the GPU, perhaps after Adam stepped on half-reduced gradients: a GPU job keeps its last
+        checkpoint."""
+        if (self.world.size == 1 or self.device.type == 'cpu') and self.world.is_main and (
+                self.progress.step > self.saved_step) and all(
                 bool(p.isfinite().all()) for p in self.model.parameters()):
             with contextlib.suppress(Exception):  # (a full disk: the last checkpoint written stands)
                 self.save(None)
@@ -1448,7 +1452,7 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise RunError(f'--out-dir {folder} is a file, not a folder')
     created, path = [], os.path.join(os.getcwd(), folder or 'runs')  # the folders made here, deepest first
-    while not os.path.exists(path):
+    while not os.path.exists(path) and os.path.dirname(path) != path:  # (Z:\\ that is not there is its own dirname)
         if not os.path.exists(os.path.realpath(path)):  # (for x/../y, makedirs makes x, and y if it is not there)
             created.append(path)
         path = os.path.dirname(path)
@@ -1899,12 +1903,18 @@ def signals_handled(status):
             raise Stopped(signum, stage)
 
     # Python prints and drops an exception raised in a __del__ or a weakref callback (a garbage collection while the
-    # pictures are drawn): a stop raised there is raised again once this hook has returned, unless the run has ended
+    # pictures are drawn): a stop raised there is raised again once this hook has returned, unless the run has ended.
+    # (From a thread of _thread's, which takes none of threading's locks: a finalizer may run while one is held.)
     def raise_again(unraisable):
         if not isinstance(unraisable.exc_value, Stopped):
             return hook(unraisable)
         status.stage, signum = unraisable.exc_value.stage, unraisable.exc_value.signum
-        threading.Timer(0.01, lambda: status.stage is Stage.STOPPING or signal.raise_signal(signum)).start()
+
+        def raise_soon():
+            time.sleep(0.01)
+            if status.stage is not Stage.STOPPING:
+                signal.raise_signal(signum)
+        _thread.start_new_thread(raise_soon, ())
 
     previous, hook = {s: signal.signal(s, handle) for s in stop_signals()}, sys.unraisablehook
     sys.unraisablehook = raise_again

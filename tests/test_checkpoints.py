@@ -818,8 +818,9 @@ def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_run(tmp_path, 
             signal.raise_signal(signal.SIGINT)  # (its handler runs here, inside the finalizer)
 
     def draw_while_collecting(*args):
+        real_draw(*args)
         Finalized()
-        return real_draw(*args)
+        time.sleep(5)  # the outputs go on: the stop comes back meanwhile
     monkeypatch.setattr(tm, 'draw_pictures', draw_while_collecting)
     run = tmp_path / 'run'
     code = tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)])
