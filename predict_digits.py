@@ -66,13 +66,11 @@ def mnist_like(image):
     else:
         grey = np.asarray(image.convert('RGB').convert('L'), dtype=np.float32)  # (Pillow takes LAB to grey via RGB)
     paper = np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))  # read at the image's edge
-    darker, lighter = (grey < paper - MIN_INK_CONTRAST).sum(), (grey > paper + MIN_INK_CONTRAST).sum()
-    if darker > lighter or darker == lighter and paper > 127:  # dark ink, the more of the two: light on dark, as MNIST
-        grey, paper = 255 - grey, 255 - paper
-    ink = grey.max()
-    if ink - paper < MIN_INK_CONTRAST:
+    if paper > 127:  # light paper: the ink becomes light on dark, as in MNIST. (Rules that weigh the ink against
+        grey, paper = 255 - grey, 255 - paper  # the paper turned a vignetted photo, or a glare on grey paper, around)
+    if grey.max() - paper < MIN_INK_CONTRAST:
         raise ValueError('no ink: the image is blank')
-    level = np.clip((grey - paper) / (ink - paper), 0, 1)
+    level = np.clip((grey - paper) / (grey.max() - paper), 0, 1)
     level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
     digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
     digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
@@ -89,19 +87,21 @@ def mnist_like(image):
 
 
 def opened_image(path):
-    """Pillow's image at `path`, decoded, upright (EXIF), on white where it is transparent (a web canvas draws dark
-    strokes on transparent pixels) and at most 1024x1024, or ValueError saying why."""
+    """Pillow's image at `path`: decoded, at most 1024x1024, upright (EXIF) and on white where transparent; or
+    ValueError saying why. Shrunk first, so that what follows holds no full-size copy."""
     try:
         with Image.open(path) as image:
             image.draft(None, (1024, 1024))  # a JPEG decoded at 1/2 to 1/8 of its size where that leaves 1024 pixels:
             image.load()                     # a 48 MP photo in an eighth of the time and memory
+        if image.mode in ('LA', 'PA') or 'transparency' in image.info:  # to modes Pillow shrinks by averaging
+            image = image.convert('RGBA')
+        elif image.mode in ('1', 'P') or image.mode.startswith('I;16'):
+            image = image.convert('I' if image.mode.startswith('I;16') else 'L' if image.mode == '1' else 'RGB')
+        image.thumbnail((1024, 1024))
         with contextlib.suppress(Exception):  # an EXIF too damaged for Pillow to write back: the image as stored
             image = ImageOps.exif_transpose(image)
-        if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-            image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-        if image.mode in ('1', 'P') or image.mode.startswith('I;16'):  # modes Pillow shrinks badly, or not at all
-            image = image.convert('I' if image.mode.startswith('I;16') else 'RGB')
-        image.thumbnail((1024, 1024))  # memory stays small from here on, in every reader thread
+        if image.mode == 'RGBA':  # a web canvas draws dark strokes on transparent pixels
+            image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image)
         return image
     except UnidentifiedImageError:
         raise ValueError('not an image Pillow can open') from None
