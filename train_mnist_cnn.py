@@ -1908,11 +1908,13 @@ def signals_handled(status):
     def raise_again(unraisable):
         if not isinstance(unraisable.exc_value, Stopped):
             return hook(unraisable)
-        status.stage, signum = unraisable.exc_value.stage, unraisable.exc_value.signum
+        status.stage, signum, main = unraisable.exc_value.stage, unraisable.exc_value.signum, _thread.get_ident()
 
-        def raise_soon():
+        def raise_soon():  # to the main thread, which it wakes from a sleep or a wait (Windows has raise_signal only)
             time.sleep(0.01)
-            if status.stage is not Stage.STOPPING:
+            if status.stage is not Stage.STOPPING and hasattr(signal, 'pthread_kill'):
+                signal.pthread_kill(main, signum)
+            elif status.stage is not Stage.STOPPING:
                 signal.raise_signal(signum)
         _thread.start_new_thread(raise_soon, ())
 

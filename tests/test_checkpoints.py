@@ -820,13 +820,15 @@ def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_run(tmp_path, 
     def draw_while_collecting(*args):
         real_draw(*args)
         Finalized()
-        time.sleep(5)  # the outputs go on: the stop comes back meanwhile
+        time.sleep(60)  # the outputs go on: the stop comes back meanwhile, and wakes the main thread
     monkeypatch.setattr(tm, 'draw_pictures', draw_while_collecting)
     run = tmp_path / 'run'
+    started = time.monotonic()
     code = tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)])
     err = capsys.readouterr().err
     assert code == 130 and err.startswith('interrupted while writing the final outputs; training is done and saved')
     assert 'Exception ignored' not in err and not (run / 'summary.json').exists()
+    assert time.monotonic() - started < 30  # (not after the minute's sleep: the stop woke it)
 
 
 @pytest.mark.parametrize('out_dir', ['runs/typo/../a', 'new/deeper/' + 'a' * 300, 'typo/../kept'])
