@@ -892,9 +892,7 @@ def end_well_if_the_display_goes(run, status):
                                       + resume_command(run.out_dir, run.world)}.get(status.stage, '')
         say(f'{"" if done else "error: "}the display went away (its X server connection was lost){what_stands}',
             error=True)
-        with contextlib.suppress(OSError):
-            if still_ours(run.out_dir, run.lock):
-                os.unlink(os.path.join(run.out_dir, LOCK_FILE))
+        release(run.out_dir, run.lock)
         os._exit(0 if done else EXIT_RUNTIME)
     run.display_gone = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(display_gone)  # alive as long as the run
     ctypes.CDLL(library).XSetIOErrorHandler(run.display_gone)
@@ -1479,9 +1477,7 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
                 ', which this run would write over: choose another --out-dir'))
         yield folder, lock
     finally:
-        if still_ours(folder, lock):  # (a folder, or a lock, that another run took is left to it)
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, LOCK_FILE))
+        if release(folder, lock):  # (a folder, or a lock, that another run took is left to it)
             remove_created()
         os.close(lock)
 
@@ -1492,6 +1488,15 @@ def still_ours(folder, lock):
     with contextlib.suppress(OSError):
         return os.path.samestat(os.fstat(lock), os.stat(os.path.join(folder, LOCK_FILE)))
     return False
+
+
+def release(folder, lock):
+    """Removes the folder's .lock if it is still this run's (see still_ours); returns whether it was."""
+    if not still_ours(folder, lock):
+        return False
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(folder, LOCK_FILE))
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -1912,9 +1917,11 @@ def signals_handled(status):
 
         def raise_soon():  # to the main thread, which it wakes from a sleep or a wait (Windows has raise_signal only)
             time.sleep(0.01)
-            if status.stage is not Stage.STOPPING and hasattr(signal, 'pthread_kill'):
+            if status.stage is Stage.STOPPING:
+                return
+            if hasattr(signal, 'pthread_kill'):
                 signal.pthread_kill(main, signum)
-            elif status.stage is not Stage.STOPPING:
+            else:
                 signal.raise_signal(signum)
         _thread.start_new_thread(raise_soon, ())
 
