@@ -68,9 +68,10 @@ def mnist_like(image):
     paper = np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))  # read at the image's edge
     if paper > 127:  # light paper: the ink becomes light on dark, as in MNIST. (Rules that weigh the ink against
         grey, paper = 255 - grey, 255 - paper  # the paper turned a vignetted photo, or a glare on grey paper, around)
-    if grey.max() - paper < MIN_INK_CONTRAST:
+    ink = grey.max()
+    if ink - paper < MIN_INK_CONTRAST:
         raise ValueError('no ink: the image is blank')
-    level = np.clip((grey - paper) / (grey.max() - paper), 0, 1)
+    level = np.clip((grey - paper) / (ink - paper), 0, 1)
     level[level < PAPER_NOISE] = 0  # the paper's grain and the compression's speckle
     digit = Image.fromarray(np.round(level * 255).astype(np.uint8))
     digit = digit.crop(Image.fromarray(level >= INK_FOR_THE_BOX).getbbox())  # a faint speck far off is not ink
@@ -96,7 +97,7 @@ def opened_image(path):
         if image.mode in ('LA', 'PA') or 'transparency' in image.info:  # to modes Pillow shrinks by averaging
             image = image.convert('RGBA')
         elif image.mode in ('1', 'P') or image.mode.startswith('I;16'):
-            image = image.convert('I' if image.mode.startswith('I;16') else 'L' if image.mode == '1' else 'RGB')
+            image = image.convert({'1': 'L', 'P': 'RGB'}.get(image.mode, 'I'))  # (16-bit to 32-bit)
         image.thumbnail((1024, 1024))
         with contextlib.suppress(Exception):  # an EXIF too damaged for Pillow to write back: the image as stored
             image = ImageOps.exif_transpose(image)
@@ -296,8 +297,8 @@ def predict(args, status, log):
     device = tm.resolve_device(args.device, tm.World())
     if args.threads:
         torch.set_num_threads(args.threads)
-    found = [path for path in glob.glob(os.path.join('runs', '*', 'model.pt')) if os.path.isfile(path)]
-    model_file = args.model or max(found, key=os.path.getmtime, default='')
+    model_file = args.model or max(filter(os.path.isfile, glob.glob(os.path.join('runs', '*', 'model.pt'))),
+                                   key=os.path.getmtime, default='')  # (the newest one that is a file)
     if not model_file:
         raise tm.RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
                           'or name one with --model')

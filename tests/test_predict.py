@@ -666,7 +666,8 @@ def exif_that_cannot_be_written_back(photo, path):
 
 def test_files_pillow_fails_on_in_its_own_ways_are_a_line_or_read_as_stored(glyphs, glyph_md5, tmp_path, capsys):
     folder = tmp_path / 'in'
-    crafted_dds(folder.mkdir() or folder / 'a-crafted.dds')
+    folder.mkdir()
+    crafted_dds(folder / 'a-crafted.dds')
     exif_that_cannot_be_written_back(photo_like(glyphs['test_images'][0]), folder / 'b-phone.jpg')
     one_photo(glyphs, folder, 'c-good.png', 1)
     code, out, err = predict([folder, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], capsys)
@@ -729,12 +730,12 @@ def test_when_no_image_can_be_read_nothing_is_written(glyphs, glyph_md5, tmp_pat
 @pytest.mark.parametrize('mode', ['1', 'L', 'P', 'LA', 'RGB', 'RGBA', 'CMYK', 'LAB', 'YCbCr'])
 def test_a_photo_in_any_of_pillows_modes_is_read_as_the_same_digit(glyphs, tmp_path, mode):
     photo = photo_like(glyphs['test_images'][0], paper=220, ink=20)
-    grey = mnist_photo = pd.mnist_like(photo)
+    as_taken = pd.mnist_like(photo)
     photo = (Image.fromarray(np.asarray(photo.convert('L')) > 120) if mode == '1' else
              photo.quantize(32, dither=Image.Dither.NONE) if mode == 'P' else photo.convert(mode))
     photo.save(tmp_path / 'photo.tiff')
     seen = pd.mnist_like(pd.opened_image(tmp_path / 'photo.tiff'))
-    assert np.corrcoef(seen.ravel(), grey.ravel())[0, 1] > 0.9 and mnist_photo[0, 0] == seen[0, 0] == 0
+    assert np.corrcoef(seen.ravel(), as_taken.ravel())[0, 1] > 0.9 and as_taken[0, 0] == seen[0, 0] == 0
 
 
 def test_a_16_bit_scan_of_a_page_is_shrunk_and_read(glyphs, tmp_path):
