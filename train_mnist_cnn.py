@@ -730,10 +730,9 @@ class TsneFilm:
         figure = FilmFigure(Figure(figsize=FILM_INCHES, dpi=FILM_DPI), self.labels, self.total_steps)
         FigureCanvasAgg(figure.fig)
         shown = [int(i) for i in np.unique(np.linspace(0, len(self.steps) - 1, GIF_MOST_FRAMES).round())]
-        plan = []  # (the frame's arguments, its duration)
-        for previous, index in zip([None, *shown], shown):
-            if previous is not None:
-                plan += [((previous, index, n / (GLIDE_FRAMES + 1)), GLIDE_MS) for n in range(1, GLIDE_FRAMES + 1)]
+        plan = [((shown[0],), HOLD_MS)]  # (the frame's arguments, its duration)
+        for previous, index in zip(shown, shown[1:]):
+            plan += [((previous, index, n / (GLIDE_FRAMES + 1)), GLIDE_MS) for n in range(1, GLIDE_FRAMES + 1)]
             plan.append(((index,), HOLD_MS))
         images, durations, palette = [], [], None
         for frame, duration in plan:
@@ -1029,12 +1028,9 @@ def option_help(field):
 
 
 def add_flag(parser, name, **settings):
-    field, flag = CONFIG_FIELDS[name], '--' + name.replace('_', '-')
-    if field.metadata['action']:
-        parser.add_argument(flag, action=field.metadata['action'], help=option_help(field), **settings)
-    else:
-        parser.add_argument(flag, type=field.metadata['check'], metavar=field.metadata['metavar'],
-                            help=option_help(field), **settings)
+    field, meta = CONFIG_FIELDS[name], CONFIG_FIELDS[name].metadata
+    how = {'action': meta['action']} if meta['action'] else {'type': meta['check'], 'metavar': meta['metavar']}
+    parser.add_argument('--' + name.replace('_', '-'), help=option_help(field), **how, **settings)
 
 
 def build_parser():
@@ -1063,11 +1059,9 @@ def parse_flags(argv):
 def saved_setting(field, value):
     """A setting read from a checkpoint, put through the very check its flag goes through."""
     default = field.default
-    if type(value) is type(default) and value == default:
-        return value
     if type(value) is not type(default) and not (type(default) is float and type(value) is int):
         raise ValueError(f'expected a {type(default).__name__}, got {value!r}')
-    if field.metadata['action']:
+    if value == default or field.metadata['action']:  # (a default, 0 or '', may lie outside its flag's range)
         return value
     try:
         return field.metadata['check'](str(value))
@@ -1164,8 +1158,7 @@ def md5_of(data):
 
 
 def describe_bad_file(path, name, data):
-    expected = 0x803 if 'images' in name else 0x801
-    if len(data) < 4 or struct.unpack('>I', data[:4])[0] != expected:
+    if not data.startswith(struct.pack('>I', 0x803 if 'images' in name else 0x801)):
         return f'{path}: wrong magic number (not an IDX file of this kind)'
     return f'{path}: checksum mismatch (truncated or altered)'
 
@@ -1412,7 +1405,6 @@ def lock_file(path, or_else=''):
                 import fcntl
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = ''
             for _ in range(50):  # the holder writes its pid just after it takes the lock
                 os.lseek(fd, 0, os.SEEK_SET)  # (not os.pread, which Windows lacks)
                 holder = os.read(fd, 32).decode(errors='replace').strip()
