@@ -224,8 +224,10 @@ def draw_predictions(shown, total, film):
     axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()
     for number, ((confidence, _, path, seen, p, _), ax) in enumerate(zip(shown, axes), 1):
         canvas = np.full((96, 200, 3), 255, dtype=np.uint8)
-        given = as_given(path)
-        canvas[:given.shape[0], :given.shape[1]] = given
+        with contextlib.suppress(ValueError):  # the image as given, read again (only the shown few need it), unless
+            given = opened_image(path).convert('RGB')  # it changed on disk since it was read
+            given.thumbnail((96, 96))
+            canvas[:given.height, :given.width] = np.asarray(given)
         canvas[:84, 112:196] = np.repeat(np.repeat(seen, 3, 0), 3, 1)[..., None]  # the 28x28, 3x and crisp
         ax.imshow(canvas)
         top = p.argsort()[::-1][:3]
@@ -253,16 +255,6 @@ def draw_predictions(shown, total, film):
     return fig
 
 
-def as_given(path, size=96):
-    """A small copy of the image as the user gave it, for the picture (read again: only the shown few need it)."""
-    try:
-        given = opened_image(path).convert('RGB')
-        given.thumbnail((size, size))
-        return np.asarray(given)
-    except ValueError:  # changed on disk since it was read
-        return np.full((size, size, 3), 255, dtype=np.uint8)
-
-
 # -----------------------------------------------------------------------------
 # The model, the flags and main
 
@@ -275,7 +267,8 @@ def build_parser():
     parser.add_argument('images', nargs='+', type=tm.path_name, metavar='IMAGE_OR_FOLDER',
                         help='digit images, or folders of them (subfolders too)')
     parser.add_argument('--model', type=tm.path_name, metavar='PATH',
-                        help='a checkpoint, or a run folder holding model.pt (default: the newest runs/*/model.pt)')
+                        help="a checkpoint, or a run folder holding model.pt (default: the newest runs/*/model.pt, "
+                             "not a dry run's)")
     parser.add_argument('--out-dir', type=tm.path_name, metavar='DIR',
                         help='where predictions.csv and predictions.png go (default: runs/<UTC timestamp>)')
     for name in ('device', 'threads', 'data_dir'):  # as the trainer takes them
@@ -292,13 +285,22 @@ STOP_MESSAGES = {Stage.PREDICTING: 'interrupted while predicting; predictions.cs
                  Stage.DRAWING: 'interrupted while drawing predictions.png; predictions.csv is written in {out_dir}'}
 
 
+def run_summary(run_dir):
+    """The run's summary.json, or {} where it has none that can be read (a run that did not finish)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            return dict(json.load(f))
+    return {}
+
+
 def predict(args, status, log):
     """Every image read as MNIST was made, predicted, and reported; 1 if any could not be read."""
     device = tm.resolve_device(args.device, tm.World())
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_file = args.model or max(filter(os.path.isfile, glob.glob(os.path.join('runs', '*', 'model.pt'))),
-                                   key=os.path.getmtime, default='')  # (the newest one that is a file)
+    runs = (file for file in glob.glob(os.path.join('runs', '*', 'model.pt'))  # files, and no dry run's: its two
+            if os.path.isfile(file) and not run_summary(os.path.dirname(file)).get('dry_run'))  # steps read 20%
+    model_file = args.model or max(runs, key=os.path.getmtime, default='')
     if not model_file:
         raise tm.RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
                           'or name one with --model')
@@ -306,10 +308,8 @@ def predict(args, status, log):
     model = tm.to_device(CNN(), device).eval()
     model.load_state_dict(tm.load_checkpoint(args.model or model_file, '--model', model_only=True)['model'])
     run_dir = os.path.dirname(model_file) or '.'
-    trained = 'no summary.json: its run did not finish'
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
-        with open(os.path.join(run_dir, 'summary.json')) as f:
-            trained = f'test accuracy {json.load(f)["test_accuracy"]:.4f}'
+    accuracy = run_summary(run_dir).get('test_accuracy')
+    trained = f'test accuracy {accuracy:.4f}' if tm.is_number(accuracy) else 'no summary.json: its run did not finish'
     log(f'model: {model_file} ({trained})')
     with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as (out_dir, _):
         status.out_dir = out_dir

@@ -302,7 +302,7 @@ def test_help_says_what_it_reads_and_takes_the_trainers_device_flags(capsys):
     text = ' '.join(capsys.readouterr().out.split())
     for flag in ('IMAGE_OR_FOLDER', '--model PATH', '--out-dir DIR', '--device DEV', '--threads N', '--data-dir DIR'):
         assert flag in text
-    assert 'default: the newest runs/*/model.pt)' in text and 'default: auto)' in text
+    assert "default: the newest runs/*/model.pt, not a dry run's)" in text and 'default: auto)' in text
     assert 'exit codes: 0 done, 1 an image could not be read' in text
 
 
@@ -501,7 +501,9 @@ def test_an_image_changed_after_it_was_read_is_a_blank_in_the_picture(tmp_path, 
         path.write_bytes(path.read_bytes()[:60])
     else:
         path.unlink()
-    assert np.array_equal(pd.as_given(str(path)), np.full((96, 96, 3), 255, dtype=np.uint8))
+    shown = [(0.5, 0, str(path), np.zeros((28, 28), np.uint8), np.full(10, 0.1), torch.rand(1568))]
+    canvas = pd.draw_predictions(shown, 1, None).axes[0].images[0].get_array()
+    assert np.array_equal(canvas[:, :96], np.full((96, 96, 3), 255, dtype=np.uint8))
 
 
 def test_a_file_name_with_dollars_is_drawn_as_written(glyphs, glyph_md5, tmp_path, capsys):
@@ -783,3 +785,17 @@ def test_what_lies_on_the_paper_does_not_turn_the_ink_around(glyphs, what):
         photo = Image.fromarray(photo)
     seen = pd.mnist_like(photo)
     assert np.corrcoef(seen.ravel(), digit.ravel())[0, 1] > 0.9
+
+
+def test_a_dry_runs_model_is_not_the_default(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
+    """The README's test command ends with a dry run, whose two steps read digits at about 20%: never the default."""
+    monkeypatch.chdir(tmp_path)
+    for name, when in (('trained', 1_000_000_000), ('dry', 1_500_000_000)):
+        shutil.copytree(glyphs['run'], tmp_path / 'runs' / name)
+        os.utime(tmp_path / 'runs' / name / 'model.pt', (when, when))
+    summary = json.loads((glyphs['run'] / 'summary.json').read_text())
+    (tmp_path / 'runs' / 'dry' / 'summary.json').write_text(json.dumps({**summary, 'dry_run': True}))
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in')], capsys)
+    assert code == 0 and out.startswith('model: runs/trained/model.pt (test accuracy ')
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', 'runs/dry'], capsys)
+    assert code == 0 and out.startswith('model: runs/dry/model.pt (test accuracy ')  # named: used
