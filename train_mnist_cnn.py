@@ -1688,7 +1688,8 @@ def load_checkpoint(path, flag='--resume', model_only=False):
                and bool(v.isfinite().all()) for v in checkpoint['model'].values()):
         raise RunError(f'{flag} {path}: {file} holds weights this script never writes (not finite float32 tensors)')
     try:
-        return checkpoint if model_only else restore(checkpoint)
+        with warnings.catch_warnings(action='ignore'):  # (torch's, on a crafted field: the line names the field)
+            return checkpoint if model_only else restore(checkpoint)
     except BadField as e:
         raise RunError(f'{flag} {path}: {file}: {e}') from None
 
