@@ -162,7 +162,8 @@ class Config:
     threads: int = option(0, 'CPU threads', whole_number(1, 1024), shown="torch's choice")
     tsne: bool = option(True, 'the t-SNE film, in a window and in tsne.gif; --no-tsne skips it and scikit-learn',
                         action=SWITCH, shown='on')
-    tsne_points: int = option(500, 'test images in the t-SNE film', whole_number(TSNE_MIN_POINTS, 10_000))
+    tsne_points: int = option(500, "test images in the t-SNE film, the eval subset's first",
+                              whole_number(TSNE_MIN_POINTS, 10_000))
     download: bool = option(True, 'fetch MNIST if it is missing; --no-download uses local files only',
                             action=SWITCH, shown='on')
     save_every: int = option(0, 'also write model.pt every N steps', whole_number(1, 10**9),
@@ -383,6 +384,9 @@ class Run:
             self.trained_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == 'cuda' else None)
         self.film_points = min(config.tsne_points, self.eval_size)  # the film's images, and the projector's
+        if config.tsne and config.eval_size < config.tsne_points:
+            log(f'note: the t-SNE film shows {config.eval_size} points, the eval subset (--eval-size '
+                f'{config.eval_size}), not --tsne-points {config.tsne_points}')
         self.tsne_points = self.film_points if config.tsne else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
         if config.tsne and self.progress.step == self.total_steps and not self.film_history:

@@ -422,3 +422,12 @@ def test_a_stop_signal_so_wrapped_while_the_pictures_are_drawn_ends_as_a_stop_th
                     str(run)]) == 130
     assert capsys.readouterr().err.startswith(f'interrupted while writing the final outputs; training is done and '
                                               f'saved in {run}. Write them with: ')
+
+
+def test_an_eval_subset_smaller_than_the_film_is_said_to_leave_it_fewer_points(tmp_path, data_dir, capsys):
+    assert tm.main(['--device', 'cpu', '--log-interval', '12', '--eval-size', '60', '--tsne-points', '150',
+                    '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
+    assert ('note: the t-SNE film shows 60 points, the eval subset (--eval-size 60), not --tsne-points 150'
+            in capsys.readouterr().out)
+    with np.load(tmp_path / 'run' / 'tsne.npz') as film:
+        assert film['embeddings'].shape[1] == 60
