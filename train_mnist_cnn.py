@@ -1578,9 +1578,10 @@ def restore(checkpoint):
             if field.type is list:
                 if not isinstance(value, list) or not all(
                         isinstance(row, dict) and list(row) == METRICS_COLUMNS
-                        and all(is_number(x) and 0 <= x < 2**63 for x in row.values()) for row in value):
+                        and all(is_number(x) and 0 <= x < 2**63 for x in row.values())
+                        and row['step'] <= progress.step and row['eval_accuracy'] <= 1 for row in value):
                     raise BadField(f'progress.{field.name} holds rows that are not numbers from 0 to 2**63 for '
-                                   f'{", ".join(METRICS_COLUMNS)}')
+                                   f'{", ".join(METRICS_COLUMNS)}, or a step past the run\'s, or an accuracy above 1')
             elif not (is_number(value, kinds) and 0 <= value < 2**63):
                 raise BadField(f'progress.{field.name} is {value!r}, not a {field.type.__name__} from 0 to 2**63')
         if [type(checkpoint['epoch']), type(checkpoint['step'])] != [int, int] or (

@@ -470,6 +470,8 @@ def set_config(name, value):
                                                               "argument 'from_a_newer_version'"),
     (lambda c: c['progress'].update(step=-1), 'progress.step'),
     (lambda c: c['progress'].update(metrics=[{'step': 1}]), 'progress.metrics'),
+    (lambda c: c['progress']['metrics'][0].update(step=10**6), 'progress.metrics'),  # past the run's steps
+    (lambda c: c['progress']['metrics'][0].update(eval_accuracy=7.5), 'progress.metrics'),
     (lambda c: c.update(progress='x'), 'progress: train_mnist_cnn.Progress() argument after ** must be a mapping'),
     (lambda c: c['rng'].update(torch=torch.zeros(10, dtype=torch.uint8)), 'rng'),
     (lambda c: c.update(rng=[]), 'rng'),
