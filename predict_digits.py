@@ -307,7 +307,7 @@ def predict(args, status, log):
     model_file = os.path.join(model_file, 'model.pt') if os.path.isdir(model_file) else model_file
     model = tm.to_device(CNN(), device).eval()
     model.load_state_dict(tm.load_checkpoint(args.model or model_file, '--model', model_only=True)['model'])
-    run_dir = os.path.dirname(model_file) or '.'
+    run_dir = os.path.dirname(os.path.realpath(model_file))  # (a link: its run's)
     accuracy = run_summary(run_dir).get('test_accuracy')
     trained = f'test accuracy {accuracy:.4f}' if tm.is_number(accuracy) else 'no summary.json: its run did not finish'
     log(f'model: {model_file} ({trained})')

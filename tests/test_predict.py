@@ -799,3 +799,10 @@ def test_a_dry_runs_model_is_not_the_default(glyphs, glyph_md5, tmp_path, monkey
     assert code == 0 and out.startswith('model: runs/trained/model.pt (test accuracy ')
     code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', 'runs/dry'], capsys)
     assert code == 0 and out.startswith('model: runs/dry/model.pt (test accuracy ')  # named: used
+
+
+def test_a_linked_checkpoint_is_read_with_its_runs_summary_and_film(glyphs, glyph_md5, tmp_path, capsys):
+    (tmp_path / 'model.pt').symlink_to(glyphs['run'] / 'model.pt')
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', tmp_path / 'model.pt', '--data-dir',
+                            glyphs['data'], '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and out.startswith(f'model: {tmp_path}/model.pt (test accuracy ') and 'note:' not in out
