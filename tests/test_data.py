@@ -357,7 +357,8 @@ def test_pickle_becomes_the_official_idx_bytes():
 
 def test_a_data_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / 'file').write_text('')
-    assert tm.main(['--no-tsne', '--data-dir', str(tmp_path / 'file' / 'data'), '--out-dir', str(tmp_path / 'run')]) == 1
+    assert tm.main(['--no-tsne', '--data-dir', str(tmp_path / 'file' / 'data'),
+                    '--out-dir', str(tmp_path / 'run')]) == 1
     err = capsys.readouterr().err
     assert err == f'error: cannot create {tmp_path}/file/data/MNIST/raw: Not a directory\n'
     assert not (tmp_path / 'run').exists()
