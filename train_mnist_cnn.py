@@ -384,9 +384,6 @@ class Run:
             self.trained_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == 'cuda' else None)
         self.film_points = min(config.tsne_points, self.eval_size)  # the film's images, and the projector's
-        if config.tsne and config.eval_size < config.tsne_points:
-            log(f'note: the t-SNE film shows {config.eval_size} points, the eval subset (--eval-size '
-                f'{config.eval_size}), not --tsne-points {config.tsne_points}')
         self.tsne_points = self.film_points if config.tsne else 0
         self.film_history = (checkpoint or {}).get('tsne') or {}
         if config.tsne and self.progress.step == self.total_steps and not self.film_history:
@@ -1963,6 +1960,9 @@ def train_and_report(config, world, checkpoint, status, wall_started):
                            'resume again')
         log(f'device: {device}' + (f' ({world.size} processes)' if world.size > 1 else '')  # (the refusals come first)
             + (', bf16 autocast' if config.precision == 'bf16' else ''))
+        if config.tsne and config.eval_size < config.tsne_points:  # (the film's images are the eval subset's first)
+            log(f'note: the t-SNE film shows {config.eval_size} points, the eval subset (--eval-size '
+                f'{config.eval_size}), not --tsne-points {config.tsne_points}')
         mnist = load_mnist(config.data_dir, config.download, world, make_logger(world, every_machine=True))
         if world.is_main and config.tsne:
             interactive_backend(log)  # a backend that cannot work here is replaced now, not after training

@@ -431,3 +431,6 @@ def test_an_eval_subset_smaller_than_the_film_is_said_to_leave_it_fewer_points(t
             in capsys.readouterr().out)
     with np.load(tmp_path / 'run' / 'tsne.npz') as film:
         assert film['embeddings'].shape[1] == 60
+    assert tm.main(['--dry-run', '--eval-size', '60', '--data-dir', str(data_dir), '--out-dir',
+                    str(tmp_path / 'dry')]) == 0
+    assert capsys.readouterr().out.count('note: the t-SNE film shows 60 points') == 1  # (a dry run makes two runs)
