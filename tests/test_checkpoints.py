@@ -364,9 +364,16 @@ def test_a_link_planted_in_the_run_folder_is_not_written_through(tmp_path, data_
     code = tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)])
     assert precious.read_text() == 'precious'
     if planted == '.lock':  # (it might be a real run's: not removed, refused)
-        assert code == 1 and capsys.readouterr().err.startswith(f'error: cannot write to {run}: ')
+        assert code == 1 and capsys.readouterr().err == (f'error: cannot write to {run / ".lock"}: Too many levels '
+                                                         'of symbolic links\n')
     else:
         assert code == 0 and not (run / 'summary.json').is_symlink()
+
+
+def test_a_lock_that_is_a_folder_names_it(tmp_path, data_dir, capsys):
+    (tmp_path / 'run' / '.lock').mkdir(parents=True)
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 1
+    assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/run/.lock: Is a directory\n'
 
 
 def no_space(*args):
