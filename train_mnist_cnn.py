@@ -1462,7 +1462,7 @@ def claimed_folder(folder, refused=OUTPUT_FILES, claim=True):
         lock = lock_file(os.path.join(folder, LOCK_FILE), ' or choose another --out-dir' if refused else '')
     except OSError as e:
         remove_created()
-        raise RunError(f'cannot write to {e.filename or folder or "runs"}: {e.strerror}') from None  # (.lock, say)
+        raise RunError(f'cannot write to {e.filename or os.path.join(folder, LOCK_FILE)}: {e.strerror}') from None
     try:
         held = [name for name in refused if os.path.exists(os.path.join(folder, name))]
         if held:

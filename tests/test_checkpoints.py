@@ -370,10 +370,12 @@ def test_a_link_planted_in_the_run_folder_is_not_written_through(tmp_path, data_
         assert code == 0 and not (run / 'summary.json').is_symlink()
 
 
-def test_a_lock_that_is_a_folder_names_it(tmp_path, data_dir, capsys):
-    (tmp_path / 'run' / '.lock').mkdir(parents=True)
+@pytest.mark.parametrize('make, why', [('mkdir', 'Is a directory'), ('mkfifo', 'Invalid argument')])
+def test_a_lock_that_is_a_folder_or_a_pipe_is_named(tmp_path, data_dir, capsys, make, why):
+    (tmp_path / 'run').mkdir()
+    getattr(os, make)(tmp_path / 'run' / '.lock')
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 1
-    assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/run/.lock: Is a directory\n'
+    assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/run/.lock: {why}\n'
 
 
 def no_space(*args):
@@ -383,7 +385,7 @@ def no_space(*args):
 def test_a_full_disk_as_the_lock_is_written_leaves_no_folder(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setattr(tm.os, 'ftruncate', no_space)
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'new' / 'run')]) == 1
-    assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/new/run: No space left on device\n'
+    assert capsys.readouterr().err == f'error: cannot write to {tmp_path}/new/run/.lock: No space left on device\n'
     assert not (tmp_path / 'new').exists()
 
 
