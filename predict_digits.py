@@ -287,8 +287,9 @@ STOP_MESSAGES = {Stage.PREDICTING: 'interrupted while predicting; predictions.cs
 
 def run_summary(run_dir):
     """The run's summary.json, or {} where it has none that can be read (a run that did not finish)."""
-    with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):
-        with open(os.path.join(run_dir, 'summary.json')) as f:
+    path = os.path.join(run_dir, 'summary.json')
+    if os.path.isfile(path):  # (not a named pipe, which open() would wait on for ever, nor a link to a device)
+        with contextlib.suppress(OSError, ValueError, TypeError, RecursionError), open(path) as f:
             return dict(json.load(f))
     return {}
 
@@ -338,8 +339,7 @@ def main(argv=None):
     with tm.signals_handled(status), warnings.catch_warnings():  # (which the readers' threads share)
         warnings.filterwarnings('ignore', module='PIL')  # a damaged EXIF, a large photo: it is read all the same
         try:
-            args = build_parser().parse_args(argv)
-            return predict(args, status, tm.make_logger(tm.World()))
+            return predict(build_parser().parse_args(argv), status, tm.make_logger(tm.World()))
         except BaseException as e:
             return tm.exit_code(e, status, tm.World(), STOP_MESSAGES)
         finally:
