@@ -549,10 +549,13 @@ class Run:
         """Whether an earlier process of this run wrote TensorBoard's end at this very step (a finished run resumed,
         its outputs written again): summary.json, written after the end, is of this step, and the projector's config,
         the end's last entry, names this step's features. It is not written twice."""
+        summary, projector = (os.path.join(self.out_dir, name) for name in ('summary.json', 'projector_config.pbtxt'))
+        if not (os.path.isfile(summary) and os.path.isfile(projector)):  # (a named pipe: open() would wait for ever)
+            return False
         try:
-            with open(os.path.join(self.out_dir, 'summary.json')) as f:
+            with open(summary) as f:
                 steps = json.load(f)['steps']
-            with open(os.path.join(self.out_dir, 'projector_config.pbtxt')) as f:
+            with open(projector) as f:
                 return steps == self.progress.step and f'tensor_name: "features:{self.progress.step:05d}"' in f.read()
         except Exception:  # none, or one that is not this script's: the end is written
             return False

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import types
 import warnings
 
@@ -454,6 +455,19 @@ def test_tensorboards_end_is_found_whatever_separator_the_projector_wrote(tmp_pa
     assert tm.Run.board_holds_the_end(run)
     run.progress.step = 24  # (a later step: its end is not written yet)
     assert not tm.Run.board_holds_the_end(run)
+
+
+@pytest.mark.parametrize('piped', ['summary.json', 'projector_config.pbtxt'])
+def test_a_named_pipe_in_place_of_tensorboards_end_is_no_end_and_hangs_nothing(tmp_path, piped):
+    (tmp_path / 'summary.json').write_text('{"steps": 12}')
+    (tmp_path / 'projector_config.pbtxt').write_text('embeddings {\n  tensor_name: "features:00012"\n}\n')
+    (tmp_path / piped).unlink()
+    os.mkfifo(tmp_path / piped)
+    run, answer = types.SimpleNamespace(out_dir=str(tmp_path), progress=tm.Progress(step=12)), []
+    reader = threading.Thread(target=lambda: answer.append(tm.Run.board_holds_the_end(run)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert answer == [False]
 
 
 def test_tensorboard_missing_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys):
