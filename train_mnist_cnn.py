@@ -373,6 +373,9 @@ class Run:
             if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
         self.total_steps = config.epochs * self.steps_per_epoch
+        if checkpoint is not None and self.progress.step < self.total_steps and world.is_main:  # a finished run goes on:
+            with contextlib.suppress(FileNotFoundError):  # its summary.json is of its end, no longer of its weights
+                os.unlink(os.path.join(self.out_dir, 'summary.json'))
         next_log_step = (self.progress.step // config.log_interval + 1) * config.log_interval
         if self.progress.step < self.total_steps < next_log_step:
             made = "step's line, metrics row or t-SNE frame" if config.tsne else "step's line or metrics row"
@@ -518,8 +521,9 @@ class Run:
         raise Stopped(signals[0] if signals else signal.SIGTERM, Stage.TRAINING)
 
     def write_outputs(self, test, wall_started):
-        """The tutorial's ten predictions, the pictures, the film's files and summary.json."""
+        """The tutorial's ten predictions, the pictures, the film's files, metrics.csv again and summary.json."""
         self.check_folder()
+        write_metrics(self.out_dir, self.progress.metrics)  # (a finished run resumed has saved no checkpoint)
         config, progress, train_seconds = self.config, self.progress, self.elapsed()
         images = progress.epoch * min(self.steps_per_epoch * config.batch_size, len(self.train_images))  # whole epochs
         self.log(f'{test.predictions[:10].tolist()} prediction number')

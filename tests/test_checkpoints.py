@@ -118,6 +118,32 @@ def test_resume_can_raise_epochs_appends_metrics_and_turns_switches_the_other_wa
     assert summary['tsne_frames'] == 3 and checkpoint['tsne']['steps'].tolist() == [16, 20, 24]
 
 
+def test_a_finished_run_resumed_writes_its_metrics_again(tmp_path, data_dir):
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+    rows = (run / 'metrics.csv').read_text()
+    (run / 'metrics.csv').unlink()
+    assert tm.main(['--resume', str(run)]) == 0
+    assert (run / 'metrics.csv').read_text() == rows
+
+
+def test_a_finished_run_that_trains_on_has_no_summary_until_it_ends_again(tmp_path, data_dir, monkeypatch, capsys):
+    """summary.json tells how the run ended: stopped while it trains on, the old one would stand beside the new weights
+    (and predict_digits.py would give its test accuracy for them)."""
+    run = tmp_path / 'run'
+    assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(run)]) == 0
+
+    def stopped(*args, real=tm.train_step):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+    with monkeypatch.context() as patch:
+        patch.setattr(tm, 'train_step', stopped)
+        assert tm.main(['--resume', str(run), '--epochs', '2']) == 130
+    assert torch.load(run / 'model.pt', weights_only=True)['epoch'] == 1 and not (run / 'summary.json').exists()
+    assert tm.main(['--resume', str(run), '--epochs', '2']) == 0
+    assert final_state(run)[1]['epochs'] == 2
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_dir, monkeypatch, capsys):
     run = tmp_path / 'run'
     saves = []
