@@ -373,8 +373,8 @@ class Run:
             if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
         self.total_steps = config.epochs * self.steps_per_epoch
-        if checkpoint is not None and self.progress.step < self.total_steps and world.is_main:  # a finished run goes on:
-            with contextlib.suppress(FileNotFoundError):  # its summary.json is of its end, no longer of its weights
+        if checkpoint is not None and self.progress.step < self.total_steps and world.is_main:  # a run that goes on:
+            with contextlib.suppress(FileNotFoundError):  # a summary.json of an earlier end no longer fits its weights
                 os.unlink(os.path.join(self.out_dir, 'summary.json'))
         next_log_step = (self.progress.step // config.log_interval + 1) * config.log_interval
         if self.progress.step < self.total_steps < next_log_step:
