@@ -1680,9 +1680,11 @@ def load_checkpoint(path, flag='--resume', model_only=False):
     try:
         with warnings.catch_warnings(action='ignore'):  # a crafted file: one line below, not torch's warnings
             checkpoint = torch.load(file, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch.load raises many types for truncated or foreign files
+    except Exception as e:  # torch.load raises many types for truncated or foreign files. Where the pickle holds more
+        # than tensors (torch.save(model), say), its reason comes after advice on loading it anyway, which is not ours
+        reason = re.split(r'\.\s|\n', str(e).partition('WeightsUnpickler error:')[2].strip())[0] or e
         raise RunError(f'{flag} {path}: {file} is not a readable checkpoint '
-                       f'({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""})') from None
+                       f'({type(e).__name__}: {one_line(reason, 120)})') from None
     cnn = CNN()
     if model_only and isinstance(checkpoint, dict) and checkpoint.keys() == cnn.state_dict().keys():
         checkpoint = {'model': checkpoint}  # a bare state_dict of this CNN: its weights are all that is read
