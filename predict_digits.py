@@ -218,7 +218,7 @@ def draw_predictions(shown, total, film):
     t-SNE frame, each image placed at the mean position of its nearest test images in the 1568-d feature space."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    cols, rows = min(4, len(shown)), math.ceil(len(shown) / 4)
+    cols, rows = max(2, min(4, len(shown))), math.ceil(len(shown) / 4)  # (two at least: room for the title)
     fig = Figure(figsize=(3.2 * cols + (6.4 if film else 0), 1.9 * rows + 0.8), layout='constrained')
     cells, panel = (fig.subfigures(1, 2, width_ratios=[3.2 * cols, 6.4]) if film else (fig, None))
     axes = np.atleast_1d(cells.subplots(rows, cols)).ravel()

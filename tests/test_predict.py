@@ -417,6 +417,16 @@ def test_a_film_that_lacks_a_digit_draws_its_panel_without_warnings(tmp_path):
     assert labels == [str(digit) for digit in range(8)]
 
 
+def test_the_title_over_a_single_image_is_not_cut_off(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    Image.new('L', (28, 28)).save(tmp_path / 'one.png')
+    shown = [(0.5, 0, str(tmp_path / 'one.png'), np.zeros((28, 28), np.uint8), np.full(10, 0.1), torch.rand(1568))]
+    figure = pd.draw_predictions(shown, 1, None)
+    FigureCanvasAgg(figure).draw()
+    title = figure.texts[0].get_window_extent()
+    assert figure.texts[0].get_text().startswith('1 image predicted') and 0 <= title.x0 < title.x1 <= figure.bbox.x1
+
+
 def test_a_damaged_summary_beside_the_model_is_not_read(glyphs, glyph_md5, tmp_path, capsys):
     run = tmp_path / 'run'
     shutil.copytree(glyphs['run'], run)
