@@ -189,19 +189,19 @@ def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
     if not os.path.isfile(path):
         log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
         return None
-    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None, unpack=False,
-                                    names=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'))  # (the test set's)
+    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None,  # the test set's, or its .gz
+                                    names=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'))
     if problems:
         log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
         return None
     try:
         with np.load(path) as film:
-            embedding, labels = film['embeddings'][-1].astype(np.float32), film['labels'].astype(np.int64)
+            embedding, labels = film['embeddings'][-1].astype(np.float64), film['labels'].astype(np.int64)
         if embedding.shape != (len(labels), 2) or not np.isfinite(embedding).all() or labels.ndim != 1:
             raise ValueError('its frames and labels do not fit together')
         if len(labels) < neighbours:
             raise ValueError(f'it shows {len(labels)} images, fewer than the {neighbours} an image is placed by')
-    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile, MemoryError) as e:
         log(f'note: no t-SNE panel: {path} cannot be read ({tm.one_line(e, 100)})')
         return None
     if not np.array_equal(tm.idx_tensor(files['t10k-labels-idx1-ubyte'])[:len(labels)].numpy(), labels):

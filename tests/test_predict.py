@@ -1,6 +1,8 @@
 """Your own handwriting: predict_digits.py on digit images prepared the way MNIST's were; offline, on fixtures."""
 import csv
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -387,7 +390,18 @@ def test_a_file_name_that_is_not_utf8_or_holds_a_newline_is_written_escaped(glyp
     assert read_csv(tmp_path / 'out' / 'predictions.csv')[0]['file'] == f'{folder}/{shown}'
 
 
-@pytest.mark.parametrize('damage', [lambda p: p.write_bytes(os.urandom(300)),
+def film_of_a_billion_frames(path):
+    """A header that asks for 800 GB of frames, and no frames."""
+    embeddings, labels = io.BytesIO(), io.BytesIO()
+    np.lib.format.write_array_header_1_0(embeddings, {'descr': '<f4', 'fortran_order': False,
+                                                      'shape': (10**9, 100, 2)})
+    np.save(labels, np.arange(100) % 10)
+    with zipfile.ZipFile(path, 'w') as film:
+        film.writestr('embeddings.npy', embeddings.getvalue())
+        film.writestr('labels.npy', labels.getvalue())
+
+
+@pytest.mark.parametrize('damage', [film_of_a_billion_frames, lambda p: p.write_bytes(os.urandom(300)),
                                     lambda p: np.savez(p, something_else=np.zeros(3)),
                                     lambda p: np.savez(p, embeddings=np.full((1, 100, 2), np.nan),
                                                        labels=np.zeros(100, dtype=np.int64)),
@@ -401,6 +415,28 @@ def test_a_damaged_film_beside_the_model_is_a_note(glyphs, glyph_md5, tmp_path, 
                             '--out-dir', tmp_path / 'out'], capsys)
     assert code == 0 and f'note: no t-SNE panel: {run}/tsne.npz cannot be read' in out
     assert (tmp_path / 'out' / 'predictions.png').exists()
+
+
+def test_a_film_of_points_far_out_is_drawn_without_warnings(glyphs, glyph_md5, tmp_path, capsys):
+    run = tmp_path / 'run'
+    shutil.copytree(glyphs['run'], run)
+    far = np.random.default_rng(0).uniform(1e38, 3e38, size=(1, 100, 2)).astype(np.float32)
+    np.savez(run / 'tsne.npz', embeddings=far, labels=np.arange(100) % 10)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', run, '--data-dir', glyphs['data'],
+                                '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and 'note:' not in out and [str(w.message) for w in seen] == []
+
+
+def test_the_film_is_placed_from_the_gz_files_torchvision_leaves(glyphs, glyph_md5, tmp_path, capsys):
+    raw = tmp_path / 'data' / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in glyphs['md5']:
+        (raw / f'{name}.gz').write_bytes(gzip.compress((glyphs['data'] / 'MNIST' / 'raw' / name).read_bytes()))
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', glyphs['run'], '--data-dir',
+                            tmp_path / 'data', '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and 'note:' not in out
 
 
 def test_a_film_that_lacks_a_digit_draws_its_panel_without_warnings(tmp_path):
