@@ -132,7 +132,7 @@ def matching(pattern, expected):
 
 device_name = matching(r'auto|cpu|mps|cuda(:\d{1,3})?', 'auto, cpu, cuda, cuda:N or mps')
 precision_name = matching('fp32|bf16', 'fp32 or bf16')
-path_name = matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (no NUL byte)')
+path_name = matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (not blank, no NUL byte)')
 
 
 SWITCH = argparse.BooleanOptionalAction  # --tsne and --no-tsne, say: a resumed run can turn it either way

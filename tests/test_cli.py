@@ -44,6 +44,13 @@ def test_bad_flag_is_one_line_and_exit_2(flags, tmp_path, capsys):
     assert not (tmp_path / 'run').exists(), 'nothing may be created before the flags are valid'
 
 
+@pytest.mark.parametrize('path', ['', ' ', 'a\x00b'])
+def test_a_blank_path_is_told_apart_from_a_nul_byte(path, capsys):
+    assert tm.main(['--data-dir', path]) == 2
+    assert one_line_error(capsys).startswith(f"usage error: argument --data-dir: expected a path (not blank, no NUL "
+                                             f"byte), got {path!r}")
+
+
 def test_defaults_match_the_tutorial():
     config = tm.make_config(tm.parse_flags([]))
     assert (config.epochs, config.batch_size, config.lr, config.seed) == (1, 50, 0.001, 1)
