@@ -289,7 +289,7 @@ def run_summary(run_dir):
     """The run's summary.json, or {} where it has none that can be read (a run that did not finish)."""
     path = os.path.join(run_dir, 'summary.json')
     if os.path.isfile(path):  # (not a named pipe, which open() would wait on for ever, nor a link to a device)
-        with contextlib.suppress(OSError, ValueError, TypeError, RecursionError), open(path) as f:
+        with contextlib.suppress(OSError, ValueError, TypeError, RecursionError), open(path, encoding='utf-8') as f:
             return dict(json.load(f))
     return {}
 
@@ -315,9 +315,9 @@ def predict(args, status, log):
     with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as (out_dir, _):
         status.out_dir = out_dir
         picture = os.path.join(out_dir, 'predictions.png')
-        started = time.perf_counter()
-        entries = images_to_read(args.images)
-        with tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp, open(tmp, 'w', newline='') as table:
+        started, entries = time.perf_counter(), images_to_read(args.images)
+        with (tm.atomic_path(os.path.join(out_dir, 'predictions.csv')) as tmp,
+              open(tmp, 'w', newline='', encoding='utf-8') as table):  # (UTF-8 whatever the locale)
             counts, shown = predict_all(model, device, entries, csv.writer(table), log, args.threads or os.cpu_count())
             if not counts['read']:
                 raise tm.RunError('no image could be read: nothing was written')

@@ -557,9 +557,9 @@ class Run:
         if not (os.path.isfile(summary) and os.path.isfile(projector)):  # (a named pipe: open() would wait for ever)
             return False
         try:
-            with open(summary) as f:
+            with open(summary, encoding='utf-8') as f:
                 steps = json.load(f)['steps']
-            with open(projector) as f:
+            with open(projector, encoding='utf-8') as f:
                 return steps == self.progress.step and f'tensor_name: "features:{self.progress.step:05d}"' in f.read()
         except Exception:  # none, or one that is not this script's: the end is written
             return False
@@ -1372,7 +1372,7 @@ METRICS_COLUMNS = ['epoch', 'step', 'train_loss', 'eval_accuracy', 'elapsed_seco
 
 
 def write_metrics(out_dir, metrics):
-    with atomic_path(os.path.join(out_dir, 'metrics.csv')) as tmp, open(tmp, 'w', newline='') as f:
+    with atomic_path(os.path.join(out_dir, 'metrics.csv')) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, lineterminator='\n')
         writer.writeheader()
         writer.writerows(metrics)

@@ -110,14 +110,14 @@ def data_dir(fixture_source, tmp_path):
     return tmp_path / 'data'
 
 
-def run_script(args, checksums, timeout=300, script=SCRIPT, **popen):
+def run_script(args, checksums, timeout=300, script=SCRIPT, env=(), **popen):
     """A script (the trainer, or predict_digits.py) in its own process, as a user runs it, checking the fixture's
-    md5s."""
+    md5s; `env` adds to the environment."""
     module = os.path.splitext(os.path.basename(script))[0]
     code = (f'import sys, train_mnist_cnn as tm, {module} as script; tm.MNIST_MD5.update({checksums!r}); '
             f'sys.argv[0] = {script!r}; sys.exit(script.main(sys.argv[1:]))')
     command = [sys.executable, '-c', code, *map(str, args)]
-    env = {**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg'}
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'MPLBACKEND': 'Agg', **dict(env)}
     if popen:
         return subprocess.Popen(command, env=env, **popen)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

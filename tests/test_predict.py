@@ -582,6 +582,16 @@ def test_a_reader_that_takes_one_line_costs_no_output(glyphs, tmp_path, fixture_
     assert len(read_csv(tmp_path / 'out' / 'predictions.csv')) == 2
 
 
+def test_a_name_beyond_ascii_is_written_to_the_table_in_an_ascii_locale(glyphs, tmp_path, fixture_checksums):
+    """predictions.csv is UTF-8 whatever the locale's encoding (LC_ALL=C, or Windows' code page)."""
+    photo = one_photo(glyphs, tmp_path / 'in', 'sieben_\u00fc.png')
+    done = run_script([photo, '--model', glyphs['run'], '--out-dir', tmp_path / 'out'], fixture_checksums, timeout=120,
+                      script=PREDICT_SCRIPT, env={'LC_ALL': 'C', 'PYTHONUTF8': '0', 'PYTHONCOERCECLOCALE': '0'})
+    assert (done.returncode, done.stderr) == (0, '')
+    with open(tmp_path / 'out' / 'predictions.csv', encoding='utf-8') as f:
+        assert next(csv.DictReader(f))['file'] == str(photo)
+
+
 def test_a_closed_stdout_costs_nothing(glyphs, tmp_path, fixture_checksums):
     """`predict_digits.py digits >&-`: Python's sys.stdout is None; the files are written all the same."""
     folder = tmp_path / 'in'
