@@ -1351,8 +1351,8 @@ def atomic_path(path, shared=False):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # written afresh: a link left under its name is not written through
         yield tmp
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
+        with open(tmp, 'rb+' if os.name == 'nt' else 'rb') as f:  # (umask 222 leaves it read-only; Windows syncs
+            os.fsync(f.fileno())                                  # only what is open for writing)
         os.replace(tmp, path)
     except OSError as e:
         if e.errno is not None and e.filename is None:  # a full disk names no file: the one being written is named

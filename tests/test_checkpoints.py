@@ -144,6 +144,23 @@ def test_a_finished_run_that_trains_on_has_no_summary_until_it_ends_again(tmp_pa
     assert final_state(run)[1]['epochs'] == 2
 
 
+def test_a_umask_that_makes_new_files_read_only_loses_no_work(tmp_path, data_dir, monkeypatch):
+    """Under umask 222 the file written under its temporary name is read-only once closed: it is synced all the same.
+    (Root may write to anything: here a file is opened as any other user may open it.)"""
+    def open_as_a_user(file, mode='r', *args, real=open, **kwargs):
+        if set(mode) & set('wa+') and os.path.exists(file) and not os.stat(file).st_mode & 0o200:
+            raise PermissionError(errno.EACCES, 'Permission denied', str(file))
+        return real(file, mode, *args, **kwargs)
+    monkeypatch.setattr(tm, 'open', open_as_a_user, raising=False)
+    (tmp_path / 'run').mkdir()  # (a folder made under umask 222 could not hold the run's .lock)
+    umask = os.umask(0o222)
+    try:
+        code = tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')])
+    finally:
+        os.umask(umask)
+    assert code == 0 and json.loads((tmp_path / 'run' / 'summary.json').read_text())['steps'] == 12
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_dir, monkeypatch, capsys):
     run = tmp_path / 'run'
     saves = []
