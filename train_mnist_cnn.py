@@ -1199,6 +1199,9 @@ def read_mnist(raw, log, unpack=True, names=tuple(MNIST_MD5)):
     files, problems = {}, []
     for name in names:
         path = os.path.join(raw, name)
+        if os.path.exists(path) and not os.path.isfile(path):  # a pipe would be waited on, a device read for ever
+            problems.append(f'{path}: not a regular file')
+            continue
         try:
             with open(path, 'rb') as f:
                 data = f.read()

@@ -339,6 +339,19 @@ def test_damaged_local_file_is_named_and_replaced(data_dir, official_mirror, fix
     assert_fixture_installed(data_dir, fixture_checksums)
 
 
+def test_a_pipe_in_place_of_a_file_is_named_and_replaced(data_dir, official_mirror, fixture_checksums):
+    """Not opened: a named pipe would be waited on for ever (and a link to a device read for ever)."""
+    path = data_dir / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte'
+    path.unlink()
+    os.mkfifo(path)
+    logs = []
+    reader = threading.Thread(target=lambda: logs.append(ensure(data_dir)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert logs and f'{path}: not a regular file' in logs[0]
+    assert_fixture_installed(data_dir, fixture_checksums)
+
+
 def test_never_trains_on_a_file_that_fails_its_checksum(data_dir, capsys):
     path = data_dir / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte'
     path.write_bytes(path.read_bytes()[:-3])
