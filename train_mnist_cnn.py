@@ -373,9 +373,6 @@ class Run:
             if 'cuda' in checkpoint['rng'] and device.type == 'cuda':
                 torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
         self.total_steps = config.epochs * self.steps_per_epoch
-        if checkpoint is not None and self.progress.step < self.total_steps and world.is_main:  # a run that goes on:
-            with contextlib.suppress(FileNotFoundError):  # a summary.json of an earlier end no longer fits its weights
-                os.unlink(os.path.join(self.out_dir, 'summary.json'))
         next_log_step = (self.progress.step // config.log_interval + 1) * config.log_interval
         if self.progress.step < self.total_steps < next_log_step:
             made = "step's line, metrics row or t-SNE frame" if config.tsne else "step's line or metrics row"
@@ -474,6 +471,8 @@ class Run:
             film_state = self.film.state() if self.film is not None else self.film_history
             buffer = io.BytesIO()
             torch.save(checkpoint_dict(self.config, self.model, self.optimizer, self.progress, film_state), buffer)
+            with contextlib.suppress(FileNotFoundError):  # a finished run that trains on: the summary of its end
+                os.unlink(os.path.join(self.out_dir, 'summary.json'))  # goes with the weights it was of
             write_atomic(os.path.join(self.out_dir, 'model.pt'), buffer.getvalue())
             write_metrics(self.out_dir, self.progress.metrics)
             if self.board is not None:
