@@ -21,7 +21,6 @@ import csv
 import enum
 import glob
 import itertools
-import json
 import math
 import os
 import signal
@@ -285,22 +284,13 @@ STOP_MESSAGES = {Stage.PREDICTING: 'interrupted while predicting; predictions.cs
                  Stage.DRAWING: 'interrupted while drawing predictions.png; predictions.csv is written in {out_dir}'}
 
 
-def run_summary(run_dir):
-    """The run's summary.json, or {} where it has none that can be read (a run that did not finish)."""
-    path = os.path.join(run_dir, 'summary.json')
-    if os.path.isfile(path):  # (not a named pipe, which open() would wait on for ever, nor a link to a device)
-        with contextlib.suppress(OSError, ValueError, TypeError, RecursionError), open(path, encoding='utf-8') as f:
-            return dict(json.load(f))
-    return {}
-
-
 def predict(args, status, log):
     """Every image read as MNIST was made, predicted, and reported; 1 if any could not be read."""
     device = tm.resolve_device(args.device, tm.World())
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = (file for file in glob.glob(os.path.join('runs', '*', 'model.pt'))  # files, and no dry run's: its two
-            if os.path.isfile(file) and not run_summary(os.path.dirname(file)).get('dry_run'))  # steps read 20%
+            if os.path.isfile(file) and not tm.run_summary(os.path.dirname(file)).get('dry_run'))  # steps read 20%
     model_file = args.model or max(runs, key=os.path.getmtime, default='')
     if not model_file:
         raise tm.RunError('no trained model found (runs/*/model.pt): train one with `python train_mnist_cnn.py`, '
@@ -309,7 +299,7 @@ def predict(args, status, log):
     model = tm.to_device(CNN(), device).eval()
     model.load_state_dict(tm.load_checkpoint(args.model or model_file, '--model', model_only=True)['model'])
     run_dir = os.path.dirname(os.path.realpath(model_file))  # (a link: its run's)
-    accuracy = run_summary(run_dir).get('test_accuracy')
+    accuracy = tm.run_summary(run_dir).get('test_accuracy')
     trained = f'test accuracy {accuracy:.4f}' if tm.is_number(accuracy) else 'no summary.json: its run did not finish'
     log(f'model: {model_file} ({trained})')
     with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as (out_dir, _):

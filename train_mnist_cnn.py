@@ -552,16 +552,12 @@ class Run:
         """Whether an earlier process of this run wrote TensorBoard's end at this very step (a finished run resumed,
         its outputs written again): summary.json, written after the end, is of this step, and the projector's config,
         the end's last entry, names this step's features. It is not written twice."""
-        summary, projector = (os.path.join(self.out_dir, name) for name in ('summary.json', 'projector_config.pbtxt'))
-        if not (os.path.isfile(summary) and os.path.isfile(projector)):  # (a named pipe: open() would wait for ever)
-            return False
-        try:
-            with open(summary, encoding='utf-8') as f:
-                steps = json.load(f)['steps']
-            with open(projector, encoding='utf-8') as f:
-                return steps == self.progress.step and f'tensor_name: "features:{self.progress.step:05d}"' in f.read()
-        except Exception:  # none, or one that is not this script's: the end is written
-            return False
+        projector = os.path.join(self.out_dir, 'projector_config.pbtxt')
+        if run_summary(self.out_dir).get('steps') != self.progress.step or not os.path.isfile(projector):
+            return False  # (isfile: open() would wait for ever on a named pipe)
+        with contextlib.suppress(OSError, ValueError), open(projector, encoding='utf-8') as f:
+            return f'tensor_name: "features:{self.progress.step:05d}"' in f.read()
+        return False  # (one that cannot be read: the end is written)
 
     def write_board(self, test):
         """TensorBoard's end of the run: the test figures, the pictures, the settings with the final figures, and
@@ -1378,6 +1374,15 @@ def write_metrics(out_dir, metrics):
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, lineterminator='\n')
         writer.writeheader()
         writer.writerows(metrics)
+
+
+def run_summary(folder):
+    """The run's summary.json, or {} where it has none that can be read (a run that did not finish)."""
+    path = os.path.join(folder, 'summary.json')
+    if os.path.isfile(path):  # (not a named pipe, which open() would wait on for ever, nor a link to a device)
+        with contextlib.suppress(OSError, ValueError, TypeError, RecursionError), open(path, encoding='utf-8') as f:
+            return dict(json.load(f))
+    return {}
 
 
 # -----------------------------------------------------------------------------
