@@ -188,16 +188,18 @@ def film_for_predictions(run_dir, data_dir, model, device, log, neighbours=10):
     if not os.path.isfile(path):
         log(f'note: no t-SNE panel: {run_dir} has no tsne.npz (it was trained with --no-tsne, or did not finish)')
         return None
-    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None,  # the test set's, or its .gz
-                                    names=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'))
+    files, problems = tm.read_mnist(tm.raw_folder(data_dir), lambda message: None, unpack=False,  # (writes nothing)
+                                    names=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'))  # (the test set's)
     if problems:
         log(f'note: no t-SNE panel: the test images it shows are not in --data-dir {data_dir} ({problems[0]})')
         return None
     try:
         with np.load(path) as film:
             embedding, labels = film['embeddings'][-1].astype(np.float64), film['labels'].astype(np.int64)
-        if embedding.shape != (len(labels), 2) or not np.isfinite(embedding).all() or labels.ndim != 1:
+        if embedding.shape != (len(labels), 2) or labels.ndim != 1:
             raise ValueError('its frames and labels do not fit together')
+        if not (np.abs(embedding) < 2**63).all():  # (the trainer's bound: the sums drawn from them stay finite)
+            raise ValueError('its last frame holds points that are not finite, or far out')
         if len(labels) < neighbours:
             raise ValueError(f'it shows {len(labels)} images, fewer than the {neighbours} an image is placed by')
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile, MemoryError) as e:
