@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 import zipfile
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the trainer beside it, under python -P or -I too
 import train_mnist_cnn as tm
 from train_mnist_cnn import CNN, to_unit_range
 

@@ -300,6 +300,14 @@ def test_a_flag_of_the_other_script_is_a_usage_error(main, flags, message, tmp_p
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('mode', ['-P', '-I'])
+def test_the_trainer_beside_it_is_found_where_python_leaves_the_scripts_folder_out(tmp_path, mode):
+    """python -P (PYTHONSAFEPATH) and -I put no script folder on sys.path; the trainer is imported all the same."""
+    done = subprocess.run([sys.executable, mode, PREDICT_SCRIPT, '--help'], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (0, '') and done.stdout.startswith('usage: predict_digits.py')
+
+
 def test_help_says_what_it_reads_and_takes_the_trainers_device_flags(capsys):
     assert pd.main(['--help']) == 0
     text = ' '.join(capsys.readouterr().out.split())
