@@ -359,11 +359,10 @@ class Run:
         torch.manual_seed(config.seed)
         self.model = to_device(CNN(), device)
         self.optimizer = Adam(self.model.parameters(), config.lr)
-        self.progress = Progress()
+        self.progress = Progress() if checkpoint is None else checkpoint['progress']
         if checkpoint is not None:  # read by load_checkpoint, its fields restored and checked
             self.model.load_state_dict(checkpoint['model'])
             self.optimizer.load_state_dict(checkpoint['optimizer'])
-            self.progress = checkpoint['progress']
             if (self.progress.step != self.progress.epoch * self.steps_per_epoch + self.progress.step_in_epoch
                     or self.progress.step_in_epoch > self.steps_per_epoch):
                 raise RunError(f'--resume: the checkpoint\'s progress (epoch {self.progress.epoch}, step '
