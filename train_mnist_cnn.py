@@ -736,14 +736,13 @@ class TsneFilm:
         for previous, index in zip(shown, shown[1:]):
             plan += [((previous, index, n / (GLIDE_FRAMES + 1)), GLIDE_MS) for n in range(1, GLIDE_FRAMES + 1)]
             plan.append(((index,), HOLD_MS))
-        images, durations, palette = [], [], None
-        for frame, duration in plan:
+        images, palette = [], None
+        for frame, _ in plan:
             figure.draw(*self.frame(*frame))
             image = Image.fromarray(np.asarray(figure.fig.canvas.buffer_rgba())[..., :3])
             palette = palette or image.quantize(GIF_COLOURS)  # one palette, from the first frame, for all
             images.append(image.quantize(palette=palette, dither=Image.Dither.NONE))
-            durations.append(duration)
-        durations[-1] = LAST_HOLD_MS
+        durations = [duration for _, duration in plan[:-1]] + [LAST_HOLD_MS]
         check_folder()  # (drawing the frames took seconds)
         with atomic_path(path) as tmp:
             images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:], duration=durations, loop=0)
