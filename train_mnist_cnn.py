@@ -1123,8 +1123,9 @@ def check_tensorboard(out_dir, from_checkpoint):
     or_not = ', or resume with --no-tensorboard' if from_checkpoint else ''
     if importlib.util.find_spec('tensorboard') is None:
         raise UsageError(f'--tensorboard needs the tensorboard package: pip install tensorboard{or_not}')
-    try:
+    try:  # the writer, and the hparams plugin the run's end needs (before 2.17.1 it fails to import under NumPy 2)
         importlib.import_module('torch.utils.tensorboard')
+        importlib.import_module('tensorboard.plugins.hparams.metadata')
     except Exception as e:  # too old (torch asks for 1.15 or above), or broken
         raise UsageError(f'--tensorboard: the tensorboard package here cannot be used ({one_line(e)}): '
                          f'pip install --upgrade tensorboard{or_not}') from None

@@ -545,6 +545,15 @@ def test_a_tensorboard_that_cannot_be_used_is_one_line_before_any_work(tmp_path)
     assert not (tmp_path / 'run').exists()
 
 
+def test_a_tensorboard_whose_hparams_plugin_fails_to_import_is_one_line_before_any_work(monkeypatch):
+    """tensorboard before 2.17.1 imports under NumPy 2, but its hparams plugin, which the run's end needs, does not
+    (np.string_): found after training, it ended the run in a traceback with its outputs unwritten."""
+    monkeypatch.setitem(sys.modules, 'tensorboard.plugins.hparams.metadata', None)  # (its import now fails)
+    with pytest.raises(tm.UsageError, match=r'^--tensorboard: the tensorboard package here cannot be used \(.*'
+                                            r'hparams.*\): pip install --upgrade tensorboard$'):
+        tm.check_tensorboard('run', from_checkpoint=False)
+
+
 def test_a_resume_whose_tensorboard_cannot_be_used_is_told_of_no_tensorboard(monkeypatch):
     def too_old(name):
         raise ImportError('TensorBoard logging requires TensorBoard version 1.15 or above')
