@@ -578,7 +578,8 @@ def test_a_loss_below_the_metrics_six_decimals_keeps_its_first_digits(tmp_path, 
     step = tm.train_step
     monkeypatch.setattr(tm, 'train_step', lambda *args, **kwargs: step(*args, **kwargs) * 1e-9)
     with warnings.catch_warnings():
-        warnings.simplefilter('error')
+        warnings.simplefilter('error')  # the script's warnings and matplotlib's, not matplotlib's use of pyparsing's
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'(matplotlib|pyparsing)\.')  # old names
         assert tm.main(['--device', 'cpu', '--log-interval', '4', '--tsne-points', '50', '--eval-size', '50',
                         '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'run')]) == 0
     with open(tmp_path / 'run' / 'metrics.csv') as f:
