@@ -820,10 +820,10 @@ def test_a_16_bit_scan_of_a_page_is_shrunk_and_read(glyphs, tmp_path):
 def test_a_large_bilevel_or_palette_image_keeps_its_thin_strokes_and_its_transparency(tmp_path, mode):
     drawing = Image.new('L', (4000, 4000), 255)
     ImageDraw.Draw(drawing).line([(1200, 1002), (2800, 1002), (1600, 3000)], fill=0, width=2)  # a thin 7
-    if mode == 'PA':  # dark strokes on transparent pixels, in a palette
-        canvas = Image.new('RGBA', drawing.size, (0, 0, 0, 0))
+    if mode == 'PA':  # dark strokes on transparent pixels, in a palette (Pillow before 12 would drop the alpha of an
+        canvas = Image.new('P', drawing.size)  # RGBA image converted to PA)
         canvas.putalpha(Image.fromarray(255 - np.asarray(drawing)))
-        canvas.convert(mode).save(tmp_path / 'drawing.tiff')
+        canvas.save(tmp_path / 'drawing.tiff')
     else:
         drawing.convert(mode, dither=Image.Dither.NONE).save(tmp_path / 'drawing.png')
     seen = pd.mnist_like(pd.opened_image(next(tmp_path.glob('drawing.*'))))
