@@ -182,6 +182,17 @@ def test_bf16_where_the_chip_has_none_is_a_usage_error(monkeypatch, tmp_path, ca
     assert not (tmp_path / 'run').exists()
 
 
+
+@pytest.mark.parametrize('capabilities, measured', [({'avx2': True}, ('fp32',)),
+                                                     ({'avx512_bf16': True}, ('fp32', 'bf16'))])
+def test_the_benchmark_times_bf16_only_where_the_script_takes_it(monkeypatch, capsys, capabilities, measured):
+    """On a CPU without native bfloat16 the benchmark ended at its first bf16 run, which the script refused."""
+    import benchmark
+    monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda: capabilities, raising=False)
+    assert benchmark.precisions('cpu') == measured
+    assert ('bf16 left out (--precision bf16: this CPU has no native bfloat16' in capsys.readouterr().out) == (
+        measured == ('fp32',))
+
 def steps_of(optimizer, model, batches):
     for images, labels in batches:
         tm.train_step(model, optimizer, images, labels, len(labels), 1)
