@@ -301,10 +301,14 @@ def predict(args, status, log):
                           'or name one with --model')
     model_file = os.path.join(model_file, 'model.pt') if os.path.isdir(model_file) else model_file
     model = tm.to_device(CNN(), device).eval()
-    model.load_state_dict(tm.load_checkpoint(args.model or model_file, '--model', model_only=True)['model'])
+    checkpoint = tm.load_checkpoint(args.model or model_file, '--model', model_only=True)
+    model.load_state_dict(checkpoint['model'])
     run_dir = os.path.dirname(os.path.realpath(model_file))  # (a link: its run's)
-    accuracy = tm.run_summary(run_dir).get('test_accuracy')
-    trained = f'test accuracy {accuracy:.4f}' if tm.is_number(accuracy) else 'no summary.json: its run did not finish'
+    summary = tm.run_summary(run_dir)  # the end of the run of these weights, not of other weights beside them
+    of_these = type(checkpoint.get('step')) is int and summary.get('steps') == checkpoint['step']
+    accuracy = summary.get('test_accuracy') if of_these else None
+    trained = (f'test accuracy {accuracy:.4f}' if tm.is_number(accuracy) and 0 <= accuracy <= 1
+               else 'test accuracy unknown: no summary.json of these weights beside them')
     log(f'model: {model_file} ({trained})')
     with tm.claimed_folder(args.out_dir, refused=('predictions.csv', 'predictions.png')) as (out_dir, _):
         status.out_dir = out_dir

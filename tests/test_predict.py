@@ -234,7 +234,7 @@ def test_the_t_sne_panel_needs_the_runs_film_and_the_data(glyphs, glyph_md5, tmp
     _, out, _ = predict([tmp_path / 'one.png', '--model', bare, '--data-dir', glyphs['data'], '--out-dir',
                          tmp_path / 'out2'], capsys)
     assert f'note: no t-SNE panel: {bare} has no tsne.npz' in out
-    assert 'model: ' + str(bare / 'model.pt') + ' (no summary.json: its run did not finish)' in out
+    assert f'model: {bare / "model.pt"} (test accuracy unknown: no summary.json of these weights beside them)' in out
     assert (tmp_path / 'out2' / 'predictions.png').exists()
 
 
@@ -468,7 +468,29 @@ def test_a_damaged_summary_beside_the_model_is_not_read(glyphs, glyph_md5, tmp_p
     (run / 'summary.json').write_text('[' * 100_000)  # deeper than Python's JSON reader goes
     code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', run, '--data-dir', glyphs['data'],
                             '--out-dir', tmp_path / 'out'], capsys)
-    assert code == 0 and f'model: {run}/model.pt (no summary.json: its run did not finish)' in out
+    assert code == 0 and f'model: {run}/model.pt (test accuracy unknown: no summary.json of these weights ' in out
+
+
+@pytest.mark.parametrize('beside', ['a bare state_dict', 'a later checkpoint', 'a step that is a tensor',
+                                    'an accuracy that is no number'])
+def test_the_accuracy_shown_is_of_the_runs_end_for_these_very_weights(glyphs, glyph_md5, tmp_path, capsys, beside):
+    run = tmp_path / 'run'
+    shutil.copytree(glyphs['run'], run)
+    checkpoint = torch.load(run / 'model.pt', weights_only=True)
+    summary = json.loads((run / 'summary.json').read_text())
+    model = run / 'model.pt'
+    if beside == 'a bare state_dict':  # weights of any run, copied into this one's folder
+        model = run / 'weights.pt'
+        torch.save(checkpoint['model'], model)
+    elif beside == 'a later checkpoint':  # (the trainer removes the summary as it trains on; a copy may not)
+        torch.save({**checkpoint, 'step': checkpoint['step'] + 1}, model)
+    elif beside == 'a step that is a tensor':
+        torch.save({**checkpoint, 'step': torch.tensor([summary['steps']] * 2)}, model)
+    else:
+        (run / 'summary.json').write_text(json.dumps({**summary, 'test_accuracy': float('nan')}))
+    code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', model, '--data-dir', glyphs['data'],
+                            '--out-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and out.startswith(f'model: {model} (test accuracy unknown: no summary.json of these weights ')
 
 
 def test_a_pipe_is_not_read_and_nothing_hangs(glyphs, tmp_path, fixture_checksums):
@@ -506,7 +528,7 @@ def test_a_bare_state_dict_is_a_model_but_not_a_broken_one(glyphs, glyph_md5, tm
     torch.save(weights, tmp_path / 'weights.pt')
     code, out, _ = predict([one_photo(glyphs, tmp_path / 'in'), '--model', tmp_path / 'weights.pt', '--out-dir',
                             tmp_path / 'out'], capsys)
-    assert code == 0 and f'model: {tmp_path / "weights.pt"} (no summary.json: its run did not finish)' in out
+    assert code == 0 and f'model: {tmp_path / "weights.pt"} (test accuracy unknown: no summary.json of these ' in out
     weights['out.bias'][0] = float('nan')
     torch.save(weights, tmp_path / 'broken.pt')
     code, _, err = predict([tmp_path / 'in', '--model', tmp_path / 'broken.pt', '--out-dir', tmp_path / 'out2'],
@@ -788,7 +810,7 @@ def test_a_pipe_planted_as_a_runs_summary_does_not_hang_the_default(glyphs, glyp
     reader = threading.Thread(target=lambda: codes.append(pd.main([str(photo)])), daemon=True)
     reader.start()
     reader.join(timeout=60)
-    assert codes == [0] and capsys.readouterr().out.startswith('model: runs/piped/model.pt (no summary.json')
+    assert codes == [0] and capsys.readouterr().out.startswith('model: runs/piped/model.pt (test accuracy unknown')
 
 
 def test_when_no_image_can_be_read_nothing_is_written(glyphs, glyph_md5, tmp_path, monkeypatch, capsys):
