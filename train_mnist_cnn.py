@@ -2050,9 +2050,9 @@ def exit_code(error, status, world, stop_messages=STOP_MESSAGES):
         error = Stopped(signal.SIGINT, stage)
     if isinstance(error, SystemExit):  # --help
         return error.code or 0
-    if isinstance(error, Stopped):
-        message = stop_messages.get(error.stage, '').format(out_dir=status.out_dir,
-                                                             resume=resume_command(status.out_dir, world))
+    if isinstance(error, Stopped):  # what is saved where: the first process's to say (the others may not know where)
+        message = stop_messages.get(error.stage, '') if world.is_main or error.stage is Stage.STARTING else ''
+        message = message.format(out_dir=status.out_dir, resume=resume_command(status.out_dir, world))
         code = error.exit_code
     elif isinstance(error, UsageError):
         message, code = f'usage error: {error}', EXIT_USAGE

@@ -1,6 +1,7 @@
 """torchrun: the same script, data-parallel with Gloo on CPU, on the fixture."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,6 +133,18 @@ def test_processes_come_from_torchruns_variables(monkeypatch, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert tm.world_from_env() == expected
+
+
+def test_only_the_first_process_says_where_a_stop_left_the_run(capsys):
+    """Only the first process knows the folder of a run it named (runs/<stamp>): the others would print a resume
+    command with no folder in it. At the start each says that nothing was written, which holds for all."""
+    unnamed = tm.Status(out_dir='')  # as the others hold it
+    assert tm.exit_code(tm.Stopped(signal.SIGINT, tm.Stage.OUTPUTS), unnamed, tm.World(1, 2, 1)) == 130
+    assert capsys.readouterr().err == ''
+    assert tm.exit_code(tm.Stopped(signal.SIGTERM, tm.Stage.STARTING), unnamed, tm.World(1, 2, 1)) == 143
+    assert capsys.readouterr().err == '[rank 1] interrupted before training started; nothing was written\n'
+    assert tm.exit_code(tm.Stopped(signal.SIGINT, tm.Stage.OUTPUTS), tm.Status(out_dir='runs/x'), tm.World(0, 2)) == 130
+    assert "training is done and saved in runs/x. Write them with: " in capsys.readouterr().err
 
 
 def test_survivors_of_a_killed_process_say_so_in_one_line_and_keep_the_steps_trained(tmp_path, data_dir,
