@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -146,12 +147,15 @@ def run_role(role, data_dir, device_name, epochs):
 # The limit: the matmul peak, and the FLOPs of one epoch
 
 
-def matmul_peak(device_name, size=2048, seconds=1.0):
-    """GFLOP/s of a size x size matmul in fp32 and in bf16, the best of repeated timings."""
+def matmul_peak(device_name, precisions, size=2048, seconds=1.0):
+    """GFLOP/s of a size x size matmul in each of `precisions` (fp32, bf16), the best of repeated timings; bf16
+    emulated on a CPU without it took minutes, for a peak that meant nothing."""
     import torch
     device = torch.device(device_name)
     peaks = {}
     for name, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
+        if name not in precisions:
+            continue
         a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
         a @ b
         sync(device)
@@ -414,21 +418,31 @@ def measure_predict(args):
     write_json(args, result)
 
 
+def at_least_one(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be 1 or more, got {value}')
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', help='cpu or cuda (default: cpu)')
-    parser.add_argument('--epochs', type=int, default=1, help='epochs per run (default: 1)')
-    parser.add_argument('--repeats', type=int, default=3, help='runs of each, the median counts (default: 3)')
+    parser.add_argument('--epochs', type=at_least_one, default=1, help='epochs per run (default: 1)')
+    parser.add_argument('--repeats', type=at_least_one, default=3, help='runs of each, the median counts (default: 3)')
     parser.add_argument('--data-dir', default=os.path.join(ROOT, 'mnist'), help='MNIST root (default: ./mnist)')
     parser.add_argument('--json', metavar='FILE', help='also write the results here')
     parser.add_argument('--film', action='store_true', help='time the t-SNE film against --no-tsne instead')
-    parser.add_argument('--seeds', type=int, metavar='N', help='accuracy and time over seeds 1..N instead')
+    parser.add_argument('--seeds', type=at_least_one, metavar='N', help='accuracy and time over seeds 1..N instead')
     parser.add_argument('--predict', metavar='RUN',
                         help='a trained run or checkpoint: measure predict_digits.py with it instead')
     parser.add_argument('--role', choices=ROLES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         return run_role(args.role, args.data_dir, args.device, args.epochs)
+    sys.path.insert(0, ROOT)
+    import train_mnist_cnn as tm
+    tm.resolve_device(args.device, tm.World())  # an absent one: the script's one line
     if args.film:
         print(f'benchmark: {args.repeats} x (--no-tsne, film) whole processes on {args.device}', flush=True)
         return measure_film(args)
@@ -439,13 +453,29 @@ def main():
         print(f'benchmark: seeds 1..{args.seeds}, {" and ".join(args.precisions)}, {args.epochs} epoch(s) on '
               f'{args.device}', flush=True)
         return measure_seeds(args)
-    peaks, flops = matmul_peak(args.device), epoch_flops()
+    peaks, flops = matmul_peak(args.device, args.precisions), epoch_flops()
     ours = ', ours, ours bf16' if 'bf16' in args.precisions else ', ours'
-    print(f'benchmark: matmul peak {peaks["fp32"]:.0f} GFLOP/s fp32, {peaks["bf16"]:.0f} bf16; one epoch '
-          f'{sum(flops.values()) / 1e12:.2f} TFLOP; {args.repeats} x (tutorial, floor{ours}) whole '
+    peak = ', '.join(f'{gflops:.0f} GFLOP/s {name}' for name, gflops in peaks.items())
+    print(f'benchmark: matmul peak {peak}; one epoch {sum(flops.values()) / 1e12:.2f} TFLOP; '
+          f'{args.repeats} x (tutorial, floor{ours}) whole '
           f'processes, then training phases; {args.epochs} epoch(s) on {args.device}', flush=True)
     report(args, peaks, flops, *measure(args))
 
 
+def run_as_script():
+    """main(), where a stop (Ctrl-C, SIGTERM) or the trainer's refusal is one line and leaves no folder behind."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # (its temporary folders go too)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print('benchmark: interrupted', file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        tm = sys.modules.get('train_mnist_cnn')
+        if tm is None or not isinstance(e, (tm.RunError, tm.UsageError)):
+            raise
+        sys.exit(f'benchmark: {e}')
+
+
 if __name__ == '__main__':
-    main()
+    run_as_script()

@@ -193,6 +193,43 @@ def test_the_benchmark_times_bf16_only_where_the_script_takes_it(monkeypatch, ca
     assert ('bf16 left out (--precision bf16: this CPU has no native bfloat16' in capsys.readouterr().out) == (
         measured == ('fp32',))
 
+def test_the_benchmark_measures_the_bf16_peak_only_where_it_times_bf16():
+    """Emulated, the bf16 matmul took minutes on such a CPU, with nothing printed, for a peak that meant nothing."""
+    import benchmark
+    assert set(benchmark.matmul_peak('cpu', ('fp32',), size=64, seconds=0.01)) == {'fp32'}
+
+
+BENCHMARK = os.path.join(ROOT, 'tests', 'benchmark.py')
+
+
+@pytest.mark.parametrize('args, code, message', [
+    (['--seeds', '-1'], 2, 'argument --seeds: must be 1 or more, got -1'),
+    (['--film', '--repeats', '0'], 2, 'argument --repeats: must be 1 or more, got 0'),
+    (['--predict', 'nowhere', '--data-dir', 'nowhere'], 1, 'benchmark: MNIST is not available. Tried:'),
+])
+def test_the_benchmarks_refusals_are_a_line_not_a_traceback(tmp_path, args, code, message):
+    out = subprocess.run([sys.executable, BENCHMARK, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == code and message in out.stderr and 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize('stop, code, err', [('os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)', 143, ''),
+                                             ('raise KeyboardInterrupt', 130, 'benchmark: interrupted\n')])
+def test_a_stopped_benchmark_leaves_no_run_folder_behind(tmp_path, stop, code, err):
+    """SIGTERM (timeout, kill, a CI's limit) left the runs it had made in its temporary folder."""
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
+    program = ('import os, signal, sys, time, benchmark\n'
+               'def timed(command):  # the first run has written its folder when the stop comes\n'
+               '    os.makedirs(command[command.index("--out-dir") + 1])\n'
+               f'    {stop}\n'
+               'benchmark.timed = timed\n'
+               'sys.argv = ["benchmark.py", "--film", "--repeats", "1"]\n'
+               'benchmark.run_as_script()\n')
+    out = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'TMPDIR': str(scratch), 'PYTHONPATH': os.path.join(ROOT, 'tests')})
+    assert (out.returncode, out.stderr) == (code, err) and list(scratch.iterdir()) == []
+
+
 def steps_of(optimizer, model, batches):
     for images, labels in batches:
         tm.train_step(model, optimizer, images, labels, len(labels), 1)
