@@ -34,6 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'train_mnist_cnn.py')
+sys.path.insert(0, ROOT)  # the trainer's functions, which the pipelines and the checks call
 BATCH, LR, LOG_EVERY, EVAL_SIZE, TRAIN_SIZE, TEST_SIZE = 50, 0.001, 50, 2000, 60000, 10000
 
 
@@ -51,7 +52,6 @@ def tutorial(data_dir, device, epochs):
     import torch
     import torch.nn as nn
     import torchvision
-    sys.path.insert(0, ROOT)
     from train_mnist_cnn import CNN
     torch.manual_seed(1)
     train_data = torchvision.datasets.MNIST(data_dir, train=True, transform=torchvision.transforms.ToTensor())
@@ -85,7 +85,6 @@ def floor(data_dir, device, epochs, evaluate=True):
     import torch
     import torch.nn.functional as F
     import torchvision
-    sys.path.insert(0, ROOT)
     from train_mnist_cnn import CNN
     torch.manual_seed(1)
     train = torchvision.datasets.MNIST(data_dir, train=True)
@@ -114,7 +113,6 @@ def floor(data_dir, device, epochs, evaluate=True):
 def ours_phase(data_dir, device, epochs, precision='fp32'):
     """Only our training steps, through the script's own functions."""
     import torch
-    sys.path.insert(0, ROOT)
     import train_mnist_cnn as tm
     tm.keep_freed_memory()  # as the script does before training
     mnist = tm.load_mnist(data_dir, False, tm.World(), lambda message: None)
@@ -176,7 +174,6 @@ def epoch_flops():
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
-    sys.path.insert(0, ROOT)
     from train_mnist_cnn import CNN
     model = CNN()
     images, labels = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
@@ -241,7 +238,6 @@ def first_step(args, out_dir, precision):
 def precisions(device_name):
     """fp32, and bf16 where the script takes it: not on a CPU without native bfloat16, which it refuses."""
     import torch
-    sys.path.insert(0, ROOT)
     import train_mnist_cnn as tm
     try:
         tm.check_precision('bf16', torch.device(device_name))
@@ -389,7 +385,6 @@ def measure_predict(args):
     and images a second once the script has started."""
     import csv
     import torch
-    sys.path.insert(0, ROOT)
     import train_mnist_cnn as tm
     from conftest import photo_like
     mnist = tm.load_mnist(args.data_dir, False, tm.World(), lambda message: None)
@@ -440,7 +435,6 @@ def main():
     args = parser.parse_args()
     if args.role:
         return run_role(args.role, args.data_dir, args.device, args.epochs)
-    sys.path.insert(0, ROOT)
     import train_mnist_cnn as tm
     tm.resolve_device(args.device, tm.World())  # an absent one: the script's one line
     if args.film:
@@ -456,9 +450,9 @@ def main():
     peaks, flops = matmul_peak(args.device, args.precisions), epoch_flops()
     ours = ', ours, ours bf16' if 'bf16' in args.precisions else ', ours'
     peak = ', '.join(f'{gflops:.0f} GFLOP/s {name}' for name, gflops in peaks.items())
-    print(f'benchmark: matmul peak {peak}; one epoch {sum(flops.values()) / 1e12:.2f} TFLOP; '
-          f'{args.repeats} x (tutorial, floor{ours}) whole '
-          f'processes, then training phases; {args.epochs} epoch(s) on {args.device}', flush=True)
+    print(f'benchmark: matmul peak {peak}; one epoch {sum(flops.values()) / 1e12:.2f} TFLOP; {args.repeats} x '
+          f'(tutorial, floor{ours}) whole processes, then training phases; {args.epochs} epoch(s) on {args.device}',
+          flush=True)
     report(args, peaks, flops, *measure(args))
 
 
