@@ -305,7 +305,7 @@ def predict(args, status, log):
     model.load_state_dict(checkpoint['model'])
     run_dir = os.path.dirname(os.path.realpath(model_file))  # (a link: its run's)
     summary = tm.run_summary(run_dir)  # the end of the run of these weights, not of other weights beside them
-    of_these = type(checkpoint.get('step')) is int and summary.get('steps') == checkpoint['step']
+    of_these = tm.is_number(checkpoint.get('step'), int) and summary.get('steps') == checkpoint['step']
     accuracy = summary.get('test_accuracy') if of_these else None
     trained = (f'test accuracy {accuracy:.4f}' if tm.is_number(accuracy) and 0 <= accuracy <= 1
                else 'test accuracy unknown: no summary.json of these weights beside them')
